@@ -1,0 +1,57 @@
+"""Validated configuration objects, one per service (engine first; services add theirs)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class EngineConfig:
+    """The model runner's settings. `dtype='auto'` picks the fastest correct one."""
+    model: str = "smollm2"
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None     # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    threads: int | None = None           # CPU threads for torch; default: all cores
+
+    def __post_init__(self):
+        _check(self.dtype == "auto" or self.dtype in DTYPE_NAMES,
+               f"dtype={self.dtype!r} is not supported; choose auto or one of {DTYPE_NAMES}")
+        _check(self.block_size in (8, 16, 32, 64, 128),
+               f"block_size={self.block_size} must be one of 8, 16, 32, 64, 128")
+        _check(self.num_kv_blocks >= 1, f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
+        _check(1 <= self.max_num_seqs <= 4096, f"max_num_seqs={self.max_num_seqs} must be in [1, 4096]")
+        _check(self.max_num_batched_tokens >= 1,
+               f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+        _check(self.max_model_len is None or self.max_model_len >= 1,
+               f"max_model_len={self.max_model_len} must be >= 1")
+        _check(self.threads is None or self.threads >= 1, f"threads={self.threads} must be >= 1")
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        # bf16 on CUDA. On CPU, bf16 GEMMs win big only with AMX / AVX512-BF16 (measured by
+        # tools/bench_engine.py: ~3x prefill, ~2.8x batched decode); elsewhere fp32.
+        if self.device.startswith("cuda") or cpu_has_fast_bf16():
+            return "bfloat16"
+        return "float32"
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
