@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/duet chat
+	$(BIN)/duet up
 
 test: setup
 	$(BIN)/python -m pytest -q -x --durations=15 tests

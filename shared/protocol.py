@@ -204,6 +204,7 @@ class PrefillDone(Msg, tag="pdone"):
     num_cached_tokens: NonNeg
     num_computed_tokens: NonNeg
     first_logprobs: TokenLogprobs | None = None
+    finish_reason: FinishReason | None = None  # set when token 1 already ends the request
     timings: dict[str, float] = {}
 
 

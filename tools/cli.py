@@ -129,5 +129,86 @@ def chat(model_name, dtype, temperature, max_tokens, system):
         history.append({"role": "assistant", "content": text})
 
 
+@main.command()
+@_model
+@click.option("--prefill", default=1, show_default=True, type=int, help="prefill workers")
+@click.option("--decode", default=1, show_default=True, type=int, help="decode workers")
+@click.option("--colocated", is_flag=True, help="one worker doing prefill and decode (baseline)")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@_dtype
+@click.option("--kv-blocks", default=2048, show_default=True, type=int, help="KV-store pool blocks")
+@click.option("--curve-dir", default=None, help="authenticate the mesh with these CURVE keys")
+@click.option("--api-keys", default=None, help="comma-separated API keys for the HTTP API")
+@click.option("--log-dir", default=None, help="write each service's log here")
+@click.option("--log-level", default="WARNING", show_default=True)
+def up(model_name, prefill, decode, colocated, port, host, dtype, kv_blocks, curve_dir,
+       api_keys, log_dir, log_level):
+    """Start tokenizer, kvstore, workers and gateway as separate processes."""
+    from tools.up import Mesh, run_up
+    try:
+        mesh = Mesh(model=model_name, prefill=prefill, decode=decode, colocated=colocated,
+                    port=port, host=host, dtype=dtype, kv_blocks=kv_blocks, curve_dir=curve_dir,
+                    api_keys=api_keys, log_dir=log_dir, log_level=log_level)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    sys.exit(run_up(mesh))
+
+
+_SERVICES = {"gateway": "services.gateway", "tokenizer": "services.tokenizer",
+             "kvstore": "services.kvstore", "prefill": "services.prefill",
+             "decode": "services.decode", "worker": "services.worker"}
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("service", type=click.Choice(sorted(_SERVICES)))
+@click.pass_context
+def serve(ctx, service):
+    """Run one service in the foreground (`duet serve kvstore --help`)."""
+    import runpy
+    sys.argv = [f"duet serve {service}", *ctx.args]
+    runpy.run_module(_SERVICES[service], run_name="__main__")
+
+
+@main.group()
+def worker():
+    """Inspect and steer workers through the gateway."""
+
+
+@worker.command("list")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True)
+def worker_list(url):
+    """Workers registered with the gateway."""
+    import requests
+    r = requests.get(f"{url}/admin/workers", timeout=10)
+    click.echo(json.dumps(r.json(), indent=2))
+
+
+@worker.command("role")
+@click.argument("worker_id")
+@click.argument("role", type=click.Choice(["prefill", "decode", "both"]))
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True)
+def worker_role(worker_id, role, url):
+    """Flip WORKER_ID to ROLE at run time."""
+    import requests
+    r = requests.post(f"{url}/admin/workers/{worker_id}/role", json={"role": role}, timeout=10)
+    if r.status_code != 200:
+        raise click.ClickException(r.json()["error"]["message"])
+    click.echo(f"{worker_id} -> {role}")
+
+
+@main.group()
+def keys():
+    """CURVE keys for an authenticated mesh."""
+
+
+@keys.command("generate")
+@click.argument("key_dir")
+def keys_generate(key_dir):
+    """Write server and client keypairs into KEY_DIR (pass it as --curve-dir)."""
+    from shared.transport import generate_keys
+    click.echo(generate_keys(key_dir))
+
+
 if __name__ == "__main__":
     main()

@@ -17,34 +17,35 @@ class AttnGroup:
     token_index: torch.Tensor   # [n_valid] packed positions of this group's query tokens
     q_index: torch.Tensor       # [B, max_q] packed token index per padded query slot
     q_valid: torch.Tensor       # [B * max_q] flat indices of real (unpadded) query slots
-    kv_slots: torch.Tensor      # [B, max_ctx] cache slot per key position (0 when padded)
+    kv_block: torch.Tensor      # [B, max_ctx] cache block of each key position (0 when padded)
+    kv_offset: torch.Tensor     # [B, max_ctx] offset inside that block
     mask: torch.Tensor | None   # [B, 1, max_q, max_ctx] bool, True = attend; None = causal dense
 
 
 @dataclass
 class AttnMetadata:
-    slot_mapping: torch.Tensor  # [T] int64 cache slot each new token's K/V goes to
+    slot_block: torch.Tensor    # [T] block each new token's K/V goes to
+    slot_offset: torch.Tensor   # [T] offset inside that block
     groups: list[AttnGroup]
 
 
 def build_metadata(q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
                    block_size: int) -> AttnMetadata:
     """q_lens[b] new tokens for seq b whose context (cached + new) is ctx_lens[b] tokens."""
-    starts, slots, t = [], [], 0
+    starts, blocks, offsets, t = [], [], [], 0
     for ql, cl, bt in zip(q_lens, ctx_lens, block_tables):
         starts.append(t)
         t += ql
-        table = torch.tensor(bt, dtype=torch.int64)
         pos = torch.arange(cl - ql, cl)
-        slots.append(table[pos // block_size] * block_size + pos % block_size)
-    slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
+        blocks.append(torch.tensor(bt, dtype=torch.int64)[pos // block_size])
+        offsets.append(pos % block_size)
     decode = [b for b, ql in enumerate(q_lens) if ql == 1]
     prefill = [b for b, ql in enumerate(q_lens) if ql > 1]
     groups = []
     for members in (decode, prefill):
         if members:
             groups.append(_group(members, starts, q_lens, ctx_lens, block_tables, block_size))
-    return AttnMetadata(slot_mapping, groups)
+    return AttnMetadata(torch.cat(blocks), torch.cat(offsets), groups)
 
 
 def _group(members, starts, q_lens, ctx_lens, block_tables, block_size) -> AttnGroup:
@@ -52,7 +53,8 @@ def _group(members, starts, q_lens, ctx_lens, block_tables, block_size) -> AttnG
     max_q = max(q_lens[b] for b in members)
     max_ctx = max(ctx_lens[b] for b in members)
     q_index = torch.zeros(B, max_q, dtype=torch.int64)
-    kv_slots = torch.zeros(B, max_ctx, dtype=torch.int64)
+    kv_block = torch.zeros(B, max_ctx, dtype=torch.int64)
+    kv_offset = torch.zeros(B, max_ctx, dtype=torch.int64)
     valid, tokens = [], []
     dense = B == 1 and q_lens[members[0]] == ctx_lens[members[0]]
     mask = None if dense else torch.zeros(B, 1, max_q, max_ctx, dtype=torch.bool)
@@ -63,27 +65,32 @@ def _group(members, starts, q_lens, ctx_lens, block_tables, block_size) -> AttnG
         tokens.append(q_index[i, :ql])
         table = torch.tensor(block_tables[b], dtype=torch.int64)
         pos = torch.arange(cl)
-        kv_slots[i, :cl] = table[pos // block_size] * block_size + pos % block_size
+        kv_block[i, :cl] = table[pos // block_size]
+        kv_offset[i, :cl] = pos % block_size
         if mask is not None:
             # query j sits at position cl - ql + j and sees keys 0..that position
             qpos = torch.arange(cl - ql, cl)[:, None]
             mask[i, 0, :ql, :cl] = pos[None, :] <= qpos
-    return AttnGroup(torch.cat(tokens), q_index, torch.cat(valid), kv_slots, mask)
+    return AttnGroup(torch.cat(tokens), q_index, torch.cat(valid), kv_block, kv_offset, mask)
 
 
 class TorchPagedAttention:
-    """Callable handed to the model: writes this step's K/V, then attends over the cache."""
+    """Callable handed to the model: writes this step's K/V, then attends over the cache.
 
-    def __init__(self, kv_cache: torch.Tensor, meta: AttnMetadata, scale: float):
-        self.kv_cache = kv_cache   # [L, 2, num_blocks, block_size, Hkv, D]
+    `kv_cache` is anything with `layer(l) -> (k, v)` views of shape
+    [num_blocks, block_size, Hkv, D]; they may be strided (the KV-store's layout).
+    """
+
+    def __init__(self, kv_cache, meta: AttnMetadata, scale: float):
+        self.kv_cache = kv_cache
         self.meta = meta
         self.scale = scale
 
     def __call__(self, layer: int, q, k, v):
-        kc = self.kv_cache[layer, 0].view(-1, k.shape[1], k.shape[2])
-        vc = self.kv_cache[layer, 1].view(-1, v.shape[1], v.shape[2])
-        kc.index_copy_(0, self.meta.slot_mapping, k.to(kc.dtype))
-        vc.index_copy_(0, self.meta.slot_mapping, v.to(vc.dtype))
+        kc, vc = self.kv_cache.layer(layer)
+        m = self.meta
+        kc[m.slot_block, m.slot_offset] = k.to(kc.dtype)
+        vc[m.slot_block, m.slot_offset] = v.to(vc.dtype)
         out = torch.empty_like(q)
         for g in self.meta.groups:
             if g.mask is None:  # one whole prompt, nothing cached: attend to k, v directly
@@ -96,8 +103,8 @@ class TorchPagedAttention:
                 continue
             B, max_q = g.q_index.shape
             qg = q[g.q_index].transpose(1, 2)               # [B, Hq, max_q, D]
-            kg = kc[g.kv_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, max_ctx, D]
-            vg = vc[g.kv_slots].to(q.dtype).transpose(1, 2)
+            kg = kc[g.kv_block, g.kv_offset].to(q.dtype).transpose(1, 2)  # [B, Hkv, max_ctx, D]
+            vg = vc[g.kv_block, g.kv_offset].to(q.dtype).transpose(1, 2)
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=self.scale,
                                                enable_gqa=True)
             o = o.transpose(1, 2).reshape(B * max_q, q.shape[1], q.shape[2])

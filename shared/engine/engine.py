@@ -13,6 +13,7 @@ import torch
 
 from shared.config import EngineConfig
 from shared.engine.block_manager import BlockManager, blocks_for
+from shared.engine.kv_cache import LocalKVCache
 from shared.engine.model_runner import ModelRunner
 from shared.engine.outputs import RequestOutput
 from shared.engine.sampler import sample
@@ -33,7 +34,10 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig,
-                 eos_token_ids: tuple[int, ...] = (), tokenizer=None):
+                 eos_token_ids: tuple[int, ...] = (), tokenizer=None,
+                 block_manager=None, kv_cache=None):
+        """By default the engine owns its blocks and cache; a prefill worker passes the
+        KV-store's pool (StoreKVCache) and a LeasedBlockManager instead."""
         if config.device == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
         self.config = config
@@ -43,11 +47,15 @@ class LLMEngine:
         mc = model.config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  model.max_positions)
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+        self.block_manager = block_manager or BlockManager(
+            config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size, config.device)
+        if kv_cache is None:
+            kv_cache = LocalKVCache(mc, config.num_kv_blocks, config.block_size,
+                                    model.embed_tokens.weight.dtype, config.device)
+        self.kv_cache = kv_cache
+        self.runner = ModelRunner(model, kv_cache, config.device)
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
 
@@ -85,16 +93,58 @@ class LLMEngine:
                              f"{self.config.num_kv_blocks}")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    arrival: float | None = None) -> None:
+                    arrival: float | None = None, leased_blocks: list[int] | None = None,
+                    leased_hit_tokens: int = 0) -> None:
+        """Queue a request (n choices). `leased_blocks`: the store blocks a prefill worker
+        leased for this prompt, of which `leased_hit_tokens` tokens are already cached."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         params.validate()
         self.check_prompt(prompt_ids, params)
         arrival = time.monotonic() if arrival is None else arrival
         seqs = [Sequence(request_id, prompt_ids, params, i, arrival) for i in range(params.n)]
+        for s in seqs:
+            s.leased_blocks = list(leased_blocks or [])
+            s.leased_hit_tokens = leased_hit_tokens
         self.requests[request_id] = seqs
         for s in seqs:
             self.scheduler.add(s)
+
+    def can_add_prefilled(self, num_prompt_tokens: int) -> bool:
+        return (len(self.scheduler.running) < self.config.max_num_seqs and
+                blocks_for(num_prompt_tokens + 1, self.config.block_size)
+                <= self.block_manager.num_free_blocks)
+
+    def add_prefilled(self, request_id: str, prompt_ids: list[int], first_token: int,
+                      params: SamplingParams, load_kv, arrival: float | None = None) -> None:
+        """Join the running batch with the prompt's KV computed elsewhere.
+
+        load_kv(block_ids) must fill our blocks for the prompt's tokens (the KV hand-off);
+        the first token, sampled by prefill, counts as output token 1. Check
+        `can_add_prefilled` first: this raises if there is no room.
+        """
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if not self.can_add_prefilled(len(prompt_ids)):
+            raise RuntimeError(f"request {request_id}: no room for a prefilled sequence")
+        seq = Sequence(request_id, prompt_ids, params, 0,
+                       time.monotonic() if arrival is None else arrival)
+        self.block_manager.allocate(seq, len(prompt_ids), [])
+        try:
+            load_kv(seq.block_table[:blocks_for(len(prompt_ids), self.config.block_size)])
+        except BaseException:
+            self.block_manager.free(seq)
+            raise
+        seq.num_computed_tokens = len(prompt_ids)
+        self.block_manager.commit_full_blocks(seq)
+        seq.append_token(first_token)
+        if seq.generator is not None and not params.greedy:
+            # prefill drew once from this seed; draw once too so colocated and
+            # disaggregated seeded outputs agree
+            torch.empty(self.model.config.vocab_size).exponential_(generator=seq.generator)
+        seq.status = SeqStatus.RUNNING
+        self.requests[request_id] = [seq]
+        self.scheduler.running.append(seq)
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Stop a request wherever it is; every block it held returns to the pool."""
@@ -138,12 +188,16 @@ class LLMEngine:
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
+        return self._finish_reason_for(token, seq.params, seq.num_output_tokens, len(seq))
+
+    def _finish_reason_for(self, token: int, p: SamplingParams, num_output: int,
+                           seq_len: int) -> str | None:
+        """Why a sequence ends after emitting `token` as its num_output-th token, if it does."""
         if not p.ignore_eos and token in self.eos_token_ids:
             return "stop"
         if token in p.stop_token_ids:
             return "stop"
-        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+        if num_output >= p.max_tokens or seq_len >= self.max_model_len:
             return "length"
         return None
 

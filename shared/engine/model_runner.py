@@ -11,17 +11,12 @@ from shared.models.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 device: str = "cpu"):
-        cfg = model.config
+    def __init__(self, model: LlamaForCausalLM, kv_cache, device: str = "cpu"):
         self.model = model
-        self.block_size = block_size
+        self.kv_cache = kv_cache   # LocalKVCache or StoreKVCache
+        self.block_size = kv_cache.block_size
         self.device = device
-        dtype = model.embed_tokens.weight.dtype
-        # [L, 2, blocks, block_size, Hkv, D]: per layer, K and V are views the attention uses.
-        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size,
-                                    cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = model.config.head_dim ** -0.5
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:

@@ -5,6 +5,7 @@ import torch
 from shared.config import EngineConfig
 from shared.engine.attention import TorchPagedAttention, build_metadata
 from shared.engine.engine import LLMEngine
+from shared.engine.kv_cache import LocalKVCache
 from shared.engine.sampling_params import SamplingParams
 from shared.models.loader import load_model
 from tests.conftest import assert_idle, save_tiny_model
@@ -24,7 +25,7 @@ CASES = {
 def duet_logits(model, ids):
     """Full-prompt forward through Duet's paged attention with a fresh cache."""
     cfg = model.config
-    cache = torch.zeros(cfg.num_layers, 2, 8, 16, cfg.num_kv_heads, cfg.head_dim)
+    cache = LocalKVCache(cfg, 8, 16, torch.float32)
     meta = build_metadata([len(ids)], [len(ids)], [list(range(8))], 16)
     attn = TorchPagedAttention(cache, meta, cfg.head_dim ** -0.5)
     with torch.inference_mode():

@@ -1,0 +1,47 @@
+"""python -m services.gateway: the OpenAI-compatible HTTP front of the mesh."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.command(help="Run the Duet gateway: OpenAI API over HTTP, router to the workers.")
+@click.option("--model", default="smollm2", show_default=True, help="built-in name or model dir")
+@click.option("--served-model-name", default=None, help="name clients use (default: --model)")
+@click.option("--router-addr", default="ipc:///tmp/duet/gateway.sock", show_default=True,
+              help="ZeroMQ address workers connect to")
+@click.option("--tokenizer-addr", "tokenizer_addrs", multiple=True,
+              default=["ipc:///tmp/duet/tokenizer.sock"], show_default=True)
+@click.option("--kvstore-addr", default="ipc:///tmp/duet/kvstore.sock", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--threads", default=600, show_default=True, type=click.IntRange(4, 4096))
+@click.option("--heartbeat", "heartbeat_s", default=0.5, show_default=True, type=float)
+@click.option("--api-keys", default=None, help="comma-separated keys; requests need one")
+@click.option("--curve-dir", default=None)
+@click.option("--log-level", default="INFO", show_default=True)
+def main(model, served_model_name, router_addr, tokenizer_addrs, kvstore_addr, host, port,
+         threads, heartbeat_s, api_keys, curve_dir, log_level):
+    logging.basicConfig(level=log_level, format="%(asctime)s gateway[%(process)d] %(levelname)s %(message)s")
+    from shared.models.hub import resolve_model
+    from services.gateway.admin_routes import admin_blueprint
+    from services.gateway.app import create_app
+    from services.gateway.mesh_backend import MeshBackend
+    from services.gateway.server import serve
+
+    keys = {k.strip() for k in api_keys.split(",") if k.strip()} if api_keys else None
+    backend = MeshBackend(resolve_model(model), router_addr, list(tokenizer_addrs),
+                          kvstore_addr or None, heartbeat_s=heartbeat_s, curve_dir=curve_dir,
+                          model_name=served_model_name or model)
+    app = create_app(backend, api_keys=keys)
+    app.register_blueprint(admin_blueprint(backend, keys))
+    logging.info("workers connect to %s", router_addr)
+    try:
+        serve(app, host, port, threads=threads)   # until SIGINT/SIGTERM
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The OpenAI-compatible HTTP API (Flask app; served by waitress, see server.py).
+
+    GET  /v1/models            the one served model
+    POST /v1/completions       text or token-id prompt; stream (SSE) or not
+    POST /v1/chat/completions  messages through the chat template; stream or not
+    GET  /health               200 when backend.health()["ok"], else 503
+    GET  /metrics              Prometheus exposition (duet_* metrics)
+
+Every error is OpenAI's {"error": {"message", "type", "param", "code"}} with its status:
+400 bad JSON / types / ranges / prompt over the context, 401 bad key, 404 unknown model
+or route, 405, 413 body over max_body_bytes, 503 overloaded, 500 anything unexpected
+(logged with the request id). A prompt whose max_tokens would run past the context is
+rejected with 400 (not clipped), as OpenAI and vLLM do; without max_tokens, chat runs to
+the end of the context.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from services.gateway.backend import Backend, Overloaded
+from services.gateway.generation import GenerationFailed, GenerationRun
+from services.gateway.http_metrics import GatewayMetrics
+from services.gateway.openai_api import (ApiError, GenerationRequest, completion_logprobs,
+                                         chat_logprobs, new_response_id, now, parse_chat,
+                                         parse_completion, response_body, stream_chunk,
+                                         usage_chunk)
+
+log = logging.getLogger("duet.gateway")
+
+MAX_BODY_BYTES = 4 << 20
+
+
+def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=None,
+               ttft_target_s: float = 2.0, tpot_target_s: float = 0.2,
+               max_body_bytes: int = MAX_BODY_BYTES) -> Flask:
+    """The gateway app over `backend`. `tokenizer` (a shared.tokenization.Tokenizer for
+    detokenization) defaults to backend.tokenizer. With api_keys, every /v1/ route
+    needs `Authorization: Bearer <key>`; /health and /metrics stay open."""
+    tokenizer = tokenizer or getattr(backend, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("create_app needs a tokenizer to detokenize: pass tokenizer= or "
+                         "give the backend a .tokenizer")
+    app = Flask("duet.gateway")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    metrics = GatewayMetrics(ttft_target_s, tpot_target_s)
+    app.extensions["duet"] = {"backend": backend, "metrics": metrics}
+    created = int(time.time())
+    keys = {k.encode() for k in api_keys or ()}
+
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @app.before_request
+    def start_request():
+        g.arrival, g.t0, g.request_id = time.time(), time.monotonic(), None
+        if keys and request.path.startswith("/v1/"):
+            auth = request.headers.get("Authorization", "")
+            given = auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
+            if not any(hmac.compare_digest(given, k) for k in keys):
+                problem = "invalid API key" if given else "missing API key"
+                raise ApiError(401, f"{problem}: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+
+    @app.after_request
+    def count_request(resp):
+        rule = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(endpoint=rule, status=str(resp.status_code)).inc()
+        return resp
+
+    @app.errorhandler(ApiError)
+    def api_error(e: ApiError):
+        return jsonify(e.body()), e.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        message = {404: f"route {request.path!r} not found",
+                   405: f"method {request.method} is not allowed on {request.path!r}",
+                   413: f"request body is larger than the {max_body_bytes}-byte limit",
+                   }.get(e.code, e.description)
+        return api_error(ApiError(e.code or 500, message))
+
+    @app.errorhandler(Exception)
+    def unexpected(e: Exception):
+        log.exception("request %s failed", g.get("request_id"))
+        return api_error(ApiError(500, f"internal error ({type(e).__name__}: {e}); request "
+                                  f"{g.get('request_id')}", code="internal_error"))
+
+    @app.get("/v1/models")
+    def models():
+        return jsonify({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/<path:model>")
+    def model(model):
+        if model != backend.model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves "
+                           f"{backend.model_name!r}", param="model", code="model_not_found")
+        return jsonify(model_card())
+
+    def model_card() -> dict:
+        return {"id": backend.model_name, "object": "model", "created": created,
+                "owned_by": "duet", "max_model_len": backend.max_model_len}
+
+    @app.get("/health")
+    def health():
+        try:
+            status = backend.health()
+        except Exception as e:
+            log.exception("backend health check failed")
+            status = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        return jsonify(status), 200 if status.get("ok") else 503
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    def completions():
+        return generate(parse_completion(json_body(), backend.model_name))
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        return generate(parse_chat(json_body(), backend.model_name))
+
+    def generate(req: GenerationRequest):
+        rid = g.request_id = new_response_id(req.endpoint)
+        t_tok = time.monotonic()
+        prompt_ids = req.prompt_ids
+        if prompt_ids is None:
+            prompt_ids = backend_call(lambda: backend.tokenize(
+                rid, text=req.prompt, messages=req.messages), "messages"
+                if req.messages is not None else "prompt")
+        timings = {"gateway_queue": t_tok - g.t0, "tokenize": time.monotonic() - t_tok}
+        max_tokens = resolve_max_tokens(req, len(prompt_ids))
+        run = GenerationRun(backend, tokenizer, metrics, req, rid, prompt_ids, max_tokens,
+                            g.arrival, g.t0, timings)
+        backend_call(run.start, None)
+        created_at = now()
+        if req.stream:
+            resp = Response(sse(run, rid, created_at), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            resp.call_on_close(run.close)
+            return resp
+        try:
+            choices = backend_call(run.collect, None)
+        finally:
+            run.close()
+        return jsonify(response_body(req, rid, created_at, choices, len(prompt_ids),
+                                     token_text))
+
+    def resolve_max_tokens(req: GenerationRequest, prompt_len: int) -> int:
+        limit = backend.max_model_len
+        param = "messages" if req.messages is not None else "prompt"
+        if prompt_len == 0:
+            raise ApiError(400, "prompt is empty: at least one token is required", param=param)
+        if prompt_len >= limit:
+            raise ApiError(400, f"prompt has {prompt_len} tokens; this model's context is "
+                           f"{limit} tokens (the prompt must be shorter)", param=param,
+                           code="context_length_exceeded")
+        if req.max_tokens is None:
+            return limit - prompt_len
+        if prompt_len + req.max_tokens > limit:
+            raise ApiError(400, f"prompt ({prompt_len} tokens) + max_tokens ({req.max_tokens}) "
+                           f"= {prompt_len + req.max_tokens} tokens, over this model's context "
+                           f"of {limit} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        return req.max_tokens
+
+    def sse(run: GenerationRun, rid: str, created_at: int):
+        try:
+            for chunk in stream_chunks(run, rid, created_at):
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            run.close()
+
+    def stream_chunks(run: GenerationRun, rid: str, created_at: int):
+        req = run.req
+        if req.endpoint == "chat":
+            for c in run.choices:
+                yield stream_chunk(req, rid, created_at, c.index, None, role=True)
+        try:
+            for c, delta, event in run.deltas():
+                lps = None
+                if c.logprobs is not None and event.logprobs:
+                    ids = event.token_ids[:len(event.logprobs)]
+                    lps = (completion_logprobs(token_text, ids, event.logprobs,
+                                               len(c.stream.text) - len(delta))
+                           if req.endpoint == "completions"
+                           else chat_logprobs(token_text, ids, event.logprobs))
+                if delta or lps or c.done:
+                    yield stream_chunk(req, rid, created_at, c.index, delta,
+                                       c.finish_reason, lps)
+        except (GenerationFailed, Overloaded) as e:
+            log.warning("request %s failed mid-stream: %s", rid, e)
+            yield ApiError(500 if isinstance(e, GenerationFailed) else 503, str(e)).body()
+            return
+        except Exception as e:
+            log.exception("request %s failed mid-stream", rid)
+            yield ApiError(500, f"internal error ({type(e).__name__}: {e}); request {rid}",
+                           code="internal_error").body()
+            return
+        if req.include_usage:
+            yield usage_chunk(req, rid, created_at, len(run.prompt_ids), run.completion_tokens)
+
+    return app
+
+
+def json_body():
+    """The request body as JSON; 413 when over the limit, 400 when not JSON."""
+    data = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    if not data.strip():
+        raise ApiError(400, "request body is empty; expected a JSON object")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+
+
+def backend_call(fn, param: str | None):
+    """Run a backend call, mapping its errors: ValueError 400, Overloaded 503,
+    GenerationFailed 500."""
+    try:
+        return fn()
+    except Overloaded as e:
+        raise ApiError(503, f"server overloaded: {e}; retry later", type="server_error",
+                       code="overloaded") from None
+    except GenerationFailed as e:
+        raise ApiError(500, f"generation failed: {e}", code="generation_failed") from None
+    except ValueError as e:
+        raise ApiError(400, str(e), param=param) from None

@@ -1,0 +1,73 @@
+"""Routing policy: which prefill worker, which decode worker. Pure: no sockets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.engine.block_hash import chain_hash
+
+
+@dataclass
+class WorkerInfo:
+    identity: bytes
+    worker_id: str
+    role: str
+    total_blocks: int
+    free_blocks: int
+    block_size: int = 16
+    running: int = 0
+    waiting: int = 0
+    queued_tokens: int = 0
+    inflight: set = field(default_factory=set)      # request ids routed here, not finished
+    assigned_tokens: int = 0                          # prompt tokens routed since last heartbeat
+    draining: bool = False
+
+    def as_dict(self) -> dict:
+        return {"worker_id": self.worker_id, "role": self.role, "free_blocks": self.free_blocks,
+                "total_blocks": self.total_blocks, "running": self.running,
+                "waiting": self.waiting, "queued_tokens": self.queued_tokens,
+                "inflight": len(self.inflight), "draining": self.draining}
+
+
+class Router:
+    """Prefill: fewest queued tokens, preferring the worker that last saw the prompt's
+    first block (its prefix is likelier warm in the store's index and caches).
+    Decode: most free blocks, then smallest running batch."""
+
+    def __init__(self):
+        self.workers: dict[bytes, WorkerInfo] = {}
+        self.affinity: dict[bytes, bytes] = {}   # first-block hash -> prefill worker
+
+    def candidates(self, roles: tuple[str, ...]) -> list[WorkerInfo]:
+        return [w for w in self.workers.values() if w.role in roles and not w.draining]
+
+    def pick_prefill(self, prompt_ids: list[int]) -> WorkerInfo | None:
+        cands = self.candidates(("prefill",))
+        if not cands:
+            return None
+        load = {w.identity: w.queued_tokens + w.assigned_tokens for w in cands}
+        key = chain_hash(None, prompt_ids[:16]) if len(prompt_ids) >= 16 else None
+        sticky = self.workers.get(self.affinity.get(key)) if key else None
+        best = min(cands, key=lambda w: (load[w.identity], w.worker_id))
+        # stick to the prefix's worker unless it is clearly busier than the best one
+        if sticky in cands and load[sticky.identity] <= load[best.identity] + 2048:
+            best = sticky
+        if key:
+            self.affinity[key] = best.identity
+        best.assigned_tokens += len(prompt_ids)
+        return best
+
+    def pick_decode(self, num_tokens: int, roles=("decode", "both"),
+                    exclude: set[bytes] = frozenset()) -> WorkerInfo | None:
+        cands = [w for w in self.candidates(roles) if w.identity not in exclude]
+        if not cands:
+            return None
+        bs = cands[0].block_size
+        need = -(-num_tokens // bs)
+        fits = [w for w in cands if w.free_blocks >= need] or cands
+        best = max(fits, key=lambda w: (w.free_blocks, -w.running - len(w.inflight), w.worker_id))
+        best.free_blocks = max(best.free_blocks - need, 0)  # until its next heartbeat
+        return best
+
+    @property
+    def disaggregated(self) -> bool:
+        return bool(self.candidates(("prefill",))) and bool(self.candidates(("decode", "both")))

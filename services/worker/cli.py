@@ -1,0 +1,51 @@
+"""Command line for a worker; `services.prefill` and `services.decode` preset the role."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+from shared.config import EngineConfig
+from services.worker.config import ROLES, WorkerConfig
+
+
+def worker_command(default_role: str):
+    @click.command(help=f"Run a Duet model worker (default role: {default_role}).")
+    @click.option("--role", type=click.Choice(ROLES), default=default_role, show_default=True)
+    @click.option("--model", default="smollm2", show_default=True,
+                  help="built-in name or HF-style model directory")
+    @click.option("--dtype", default="auto", show_default=True,
+                  type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+    @click.option("--device", default="cpu", show_default=True)
+    @click.option("--gateway-addr", default="ipc:///tmp/duet/gateway.sock", show_default=True)
+    @click.option("--kvstore-addr", default="ipc:///tmp/duet/kvstore.sock", show_default=True,
+                  help="'' for none (role both only)")
+    @click.option("--worker-id", default=None)
+    @click.option("--num-kv-blocks", default=2048, show_default=True, type=int)
+    @click.option("--max-num-seqs", default=64, show_default=True, type=int)
+    @click.option("--max-num-batched-tokens", default=1024, show_default=True, type=int)
+    @click.option("--threads", default=None, type=int)
+    @click.option("--heartbeat", "heartbeat_s", default=0.5, show_default=True, type=float)
+    @click.option("--curve-dir", default=None)
+    @click.option("--log-level", default="INFO", show_default=True)
+    def cmd(role, model, dtype, device, gateway_addr, kvstore_addr, worker_id, num_kv_blocks,
+            max_num_seqs, max_num_batched_tokens, threads, heartbeat_s, curve_dir, log_level):
+        logging.basicConfig(level=log_level, format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
+        try:
+            eng = EngineConfig(model=model, dtype=dtype, device=device, num_kv_blocks=num_kv_blocks,
+                               max_num_seqs=max_num_seqs, threads=threads,
+                               max_num_batched_tokens=max_num_batched_tokens)
+            kw = {"worker_id": worker_id} if worker_id else {}
+            cfg = WorkerConfig(role=role, gateway_addr=gateway_addr, kvstore_addr=kvstore_addr or None,
+                               engine=eng, heartbeat_s=heartbeat_s, curve_dir=curve_dir, **kw)
+        except ValueError as e:
+            raise click.BadParameter(str(e))
+        from services.worker.worker import Worker
+        w = Worker(cfg)
+        w.install_signal_handlers()
+        w.run()
+    return cmd
+
+
+def main():
+    worker_command("both")()

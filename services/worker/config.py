@@ -1,0 +1,32 @@
+"""Prefill/decode worker configuration, validated on construction."""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from shared.config import EngineConfig
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass
+class WorkerConfig:
+    role: str = "both"
+    gateway_addr: str = "ipc:///tmp/duet/gateway.sock"
+    kvstore_addr: str | None = "ipc:///tmp/duet/kvstore.sock"
+    worker_id: str = field(default_factory=lambda: f"w-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    heartbeat_s: float = 0.5
+    liveness: int = 6              # gateway silent for heartbeat_s * liveness -> reconnect
+    curve_dir: str | None = None
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role={self.role!r} must be one of {ROLES}")
+        if self.role == "prefill" and not self.kvstore_addr:
+            raise ValueError("role=prefill needs --kvstore-addr (prefill writes into the store)")
+        if not 0.01 <= self.heartbeat_s <= 60:
+            raise ValueError(f"heartbeat_s={self.heartbeat_s} must be in [0.01, 60]")
+        if not 1 <= self.liveness <= 100:
+            raise ValueError(f"liveness={self.liveness} must be in [1, 100]")

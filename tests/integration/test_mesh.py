@@ -1,0 +1,262 @@
+"""The whole mesh as real processes: `duet up` (disaggregated and colocated) driven by
+the official openai client, checked against the in-process engine."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import openai
+import pytest
+import requests
+import zmq
+
+from shared.engine.sampling_params import SamplingParams
+from tests.integration.mesh_util import get_json, kv_stats, start_mesh
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = "The three laws of robotics are"
+
+
+@pytest.fixture(scope="module")
+def disagg(smollm2_dir, tmp_path_factory):
+    mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("disagg-logs"), prefill=1, decode=1)
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture(scope="module")
+def coloc(smollm2_dir, tmp_path_factory):
+    mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("coloc-logs"), colocated=True)
+    yield mesh
+    mesh.stop()
+
+
+def client(mesh):
+    return openai.OpenAI(base_url=mesh.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def engine_text(engine, ids, max_tokens):
+    out = engine.generate([ids], SamplingParams(temperature=0, max_tokens=max_tokens))[0][0]
+    return engine.tokenizer.decode(out), out
+
+
+def wait_idle(mesh, timeout=20):
+    """Every pool back to idle: no live leases in the store, no running work anywhere."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = kv_stats(mesh)
+        health = get_json(mesh.url + "/health")
+        busy = [w for w in health["workers"] if w["running"] or w["waiting"] or w["inflight"]]
+        full = all(w["free_blocks"] == w["total_blocks"] for w in health["workers"])
+        if not st["ledger"] and not busy and full and not health["inflight"]:
+            return st, health
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not idle: ledger={st['ledger']} workers={health['workers']}")
+        time.sleep(0.2)
+
+
+def test_greedy_through_mesh_equals_engine_and_colocated(disagg, coloc, smollm2_engine):
+    tok = smollm2_engine.tokenizer
+    want_chat, _ = engine_text(smollm2_engine, tok.apply_chat_template(CHAT), 24)
+    want_plain, want_ids = engine_text(smollm2_engine, tok.encode(PROMPT), 24)
+    for mesh in (disagg, coloc):
+        c = client(mesh)
+        r = c.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0)
+        assert r.choices[0].message.content == want_chat
+        stream = c.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24,
+                                           temperature=0, stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == want_chat
+        r = c.completions.create(model="smollm2", prompt=PROMPT, max_tokens=24, temperature=0)
+        assert r.choices[0].text == want_plain
+        assert r.usage.prompt_tokens == len(tok.encode(PROMPT))
+        assert r.usage.completion_tokens == len(want_ids)
+        stream = c.completions.create(model="smollm2", prompt=PROMPT, max_tokens=24,
+                                      temperature=0, stream=True)
+        assert "".join(ch.choices[0].text for ch in stream if ch.choices) == want_plain
+    wait_idle(disagg)
+
+
+def test_concurrent_streams_finish_with_right_usage(disagg, smollm2_engine):
+    tok = smollm2_engine.tokenizer
+    prompts = [f"Give me fact number {i} about owls:" for i in range(6)]
+    want = {p: engine_text(smollm2_engine, tok.encode(p), 16) for p in prompts}
+    got, errors = {}, []
+
+    def one(p):
+        try:
+            r = client(disagg).completions.create(model="smollm2", prompt=p, max_tokens=16, temperature=0)
+            got[p] = r
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors
+    for p in prompts:
+        assert got[p].choices[0].text == want[p][0]
+        assert got[p].usage.completion_tokens == len(want[p][1])
+        assert got[p].usage.prompt_tokens == len(tok.encode(p))
+    wait_idle(disagg)
+
+
+def test_shared_prefix_is_served_from_the_store(disagg, smollm2_engine):
+    tok = smollm2_engine.tokenizer
+    prefix = "You are a meticulous assistant who answers with care and precision. " * 4
+    a, b = prefix + "Name a planet.", prefix + "Name a colour."
+    shared = len(tok.encode(prefix)) // 16 * 16 - 16     # full blocks surely shared
+    before = kv_stats(disagg)["stats"]
+    c = client(disagg)
+    c.completions.create(model="smollm2", prompt=a, max_tokens=8, temperature=0)
+    r = c.completions.create(model="smollm2", prompt=b, max_tokens=8, temperature=0)
+    after = kv_stats(disagg)["stats"]
+    assert after["hit_tokens"] - before["hit_tokens"] >= shared
+    assert r.choices[0].text == engine_text(smollm2_engine, tok.encode(b), 8)[0]
+    wait_idle(disagg)
+
+
+def _maps(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split()[-1] for line in f if "/dev/shm/" in line}
+
+
+def test_decode_reads_the_pages_prefill_wrote(disagg, smollm2_engine):
+    """Zero-copy: prefill and decode map the one store segment; the prompt's KV sits in
+    the store blocks exactly as the engine computes it, so nobody copied it in between."""
+    import torch
+    from shared.buffers import open as open_handle
+    from services.kvstore.client import KVStoreClient, open_pool
+    from shared.transport import close_context, make_context
+    from tests.unit.models.test_llama_vs_hf import duet_logits  # noqa: F401 (same model path)
+
+    procs = {p.duet_name: p.pid for p in disagg.procs}
+    seg_prefill, seg_decode = _maps(procs["prefill-0"]), _maps(procs["decode-0"])
+    seg_store = _maps(procs["kvstore"])
+    common = seg_prefill & seg_decode & seg_store
+    assert common, (seg_prefill, seg_decode, seg_store)
+
+    tok = smollm2_engine.tokenizer
+    ids = tok.encode("Zero copy means the bytes never move: " * 3)
+    client(disagg).completions.create(model="smollm2", prompt=tok.decode(ids), max_tokens=2, temperature=0)
+    ctx = make_context()
+    try:
+        with KVStoreClient(ctx, disagg.addr["kvstore"], "zc-probe") as kv:
+            pool, _ = open_pool(kv.pool_info())
+            hit = kv.lookup("zc", ids + [0])          # the store knows every full block
+            try:
+                assert hit.num_tokens == len(ids) // 16 * 16
+                # K of layer 0 for the first block, as the in-process model computes it
+                eng = smollm2_engine
+                eng.block_manager.reset_prefix_cache()
+                eng.add_request("zc-ref", ids, SamplingParams(temperature=0, max_tokens=1))
+                seq = eng.requests["zc-ref"][0]
+                eng.step()
+                ref_k = eng.kv_cache.tensor[0, 0, seq.block_table[0]].clone()
+                eng.abort("zc-ref")
+                while eng.has_unfinished():
+                    eng.step()
+                store_k = pool[hit.block_ids[0], 0, 0]
+                torch.testing.assert_close(store_k, ref_k, atol=1e-5, rtol=1e-5)
+            finally:
+                kv.release("zc", hit.lease_id)
+    finally:
+        close_context(ctx)
+    wait_idle(disagg)
+
+
+def test_hostile_frames_are_rejected_and_services_keep_serving(disagg):
+    ctx = zmq.Context()
+    try:
+        for name in ("gateway", "kvstore", "tokenizer"):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(disagg.addr[name])
+            for frames in ([b"\xff\x00garbage"], [b"\x93\x01\x81\xa1t\xa3zzz\x90"], [b""] * 3):
+                s.send_multipart(frames)
+            time.sleep(0.2)
+            s.close()
+    finally:
+        ctx.term()
+    r = client(disagg).completions.create(model="smollm2", prompt="Still alive?", max_tokens=4,
+                                          temperature=0)
+    assert r.choices[0].text
+    wait_idle(disagg)
+
+
+def test_client_disconnect_mid_stream_frees_blocks(disagg):
+    body = {"model": "smollm2", "prompt": "Count to one thousand: 1, 2, 3,", "max_tokens": 400,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    with requests.post(disagg.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith(b"data: ") for line in got)
+    wait_idle(disagg)
+
+
+def test_bad_http_bodies_get_openai_errors(disagg):
+    u = disagg.url + "/v1/completions"
+    r = requests.post(u, data="{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = requests.post(u, json={"model": "smollm2", "prompt": "x", "temperature": 9})
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    r = requests.post(u, json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404
+    r = requests.post(u, json={"model": "smollm2", "prompt": "word " * 9000, "max_tokens": 4})
+    assert r.status_code == 400 and "8192" in r.json()["error"]["message"]
+
+
+def test_role_flip_at_run_time(disagg):
+    r = requests.post(disagg.url + "/admin/workers/decode-0/role", json={"role": "both"})
+    assert r.status_code == 200
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            roles = {w["worker_id"]: w["role"] for w in get_json(disagg.url + "/health")["workers"]}
+            if roles.get("decode-0") == "both":
+                break
+            time.sleep(0.1)
+        assert roles["decode-0"] == "both"
+        r = client(disagg).completions.create(model="smollm2", prompt="Hello", max_tokens=4, temperature=0)
+        assert r.choices[0].text
+    finally:
+        requests.post(disagg.url + "/admin/workers/decode-0/role", json={"role": "decode"})
+    r = requests.post(disagg.url + "/admin/workers/nobody/role", json={"role": "decode"})
+    assert r.status_code == 404
+    r = requests.post(disagg.url + "/admin/workers/decode-0/role", json={"role": "chef"})
+    assert r.status_code == 400 and "chef" in r.json()["error"]["message"]
+
+
+def test_kill_9_decode_worker_mid_stream(smollm2_dir, tmp_path):
+    mesh = start_mesh(smollm2_dir, tmp_path, prefill=1, decode=2)
+    try:
+        decode_pid = {p.duet_name: p for p in mesh.procs}
+        body = {"model": "smollm2", "prompt": "List every prime number: 2, 3, 5,", "max_tokens": 300,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        t0 = time.monotonic()
+        with requests.post(mesh.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+            health = get_json(mesh.url + "/health")
+            victim = next(w["worker_id"] for w in health["workers"]
+                          if w["role"] == "decode" and w["inflight"])
+            os.kill(decode_pid[victim].pid, signal.SIGKILL)
+            rest = b"\n".join(lines)       # must end, not hang
+        assert time.monotonic() - t0 < 60
+        assert b"error" in rest or b"[DONE]" in rest
+        # the survivor serves new requests; nothing leaked in the store
+        r = client(mesh).completions.create(model="smollm2", prompt="After the crash,",
+                                            max_tokens=4, temperature=0)
+        assert r.choices[0].text
+        deadline = time.monotonic() + 40   # an unclaimed lease may need its TTL
+        while kv_stats(mesh)["ledger"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not kv_stats(mesh)["ledger"]
+    finally:
+        mesh.procs = [p for p in mesh.procs if p.poll() is None]
+        mesh.stop()

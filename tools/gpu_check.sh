@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One-shot GPU check, for a machine we hold for minutes: every step runs even if an earlier
+# one failed, each under its own time limit and a total budget, and a summary table comes last.
+#
+#   OUT=results PYTHON=python3 tools/gpu_check.sh       (logs and JSON land in $OUT)
+#
+# To add a step, append one line to the STEPS section:  step <name> <limit_s> <command...>
+# A step may write <name>_table.txt into $OUT_DIR; the summary prints those tables too.
+set -u
+cd "$(dirname "$0")/.."
+
+OUT_DIR="${OUT:-results}"
+TOTAL_BUDGET_S="${GPU_CHECK_BUDGET_S:-340}"  # the whole script stays under 6 minutes
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+mkdir -p "$OUT_DIR"
+export TRITON_INTERPRET=0  # the test modules default it to 1; here we test the compiled kernels
+export DUET_REQUIRE_GPU=1  # gpu-marked tests fail, rather than skip, if CUDA is unusable
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+START=$(date +%s)
+NAMES=(); RESULTS=(); SECS=()
+
+step() {  # step <name> <limit_s> <command...>
+    local name=$1 limit=$2; shift 2
+    local left=$(( TOTAL_BUDGET_S - ($(date +%s) - START) ))
+    NAMES+=("$name")
+    if (( left < 15 )); then
+        RESULTS+=("SKIPPED (budget)"); SECS+=(0)
+        echo "=== [$name] skipped: total budget spent"; return
+    fi
+    (( limit > left )) && limit=$left
+    echo "=== [$name] (limit ${limit}s) $*"
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+    local rc=${PIPESTATUS[0]}
+    SECS+=($(( $(date +%s) - t0 )))
+    case $rc in
+        0) RESULTS+=("ok") ;;
+        124|137) RESULTS+=("TIMEOUT after ${limit}s") ;;
+        *) RESULTS+=("FAILED rc=$rc") ;;
+    esac
+}
+
+# ---- STEPS ---------------------------------------------------------------------------
+step gpu_info 30 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; \
+    '$PY' -c 'import torch, triton, pytest; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"pytest\", pytest.__version__, torch.cuda.get_device_name())'"
+step kernel_tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs tests/unit/kernels \
+    --junitxml="$OUT_DIR/kernel_tests.xml"
+step kernel_bench 150 "$PY" tools/gpu_check_kernels.py --json "$OUT_DIR/kernels.json" \
+    --table "$OUT_DIR/kernel_bench_table.txt" --budget-s 110
+# step engine_graphs 90 "$PY" tools/...      (lead: more steps here)
+# ---------------------------------------------------------------------------------------
+
+echo
+for t in "$OUT_DIR"/*_table.txt; do
+    [[ -f $t ]] && { echo "--- $(basename "$t" .txt)"; cat "$t"; echo; }
+done
+echo "=== summary ($(( $(date +%s) - START ))s total, outputs in $OUT_DIR)"
+printf '%-16s %-24s %6s  %s\n' step result secs log
+failed=0
+for i in "${!NAMES[@]}"; do
+    printf '%-16s %-24s %6s  %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECS[$i]}" "$OUT_DIR/${NAMES[$i]}.log"
+    [[ ${RESULTS[$i]} == ok ]] || failed=$((failed + 1))
+done
+exit $(( failed > 0 ))

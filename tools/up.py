@@ -1,0 +1,157 @@
+"""`duet up`: the whole mesh as separate processes on this machine.
+
+kvstore, tokenizer, gateway and the workers each run as `python -m services.X`, talking
+over ipc:// sockets in a private run directory. Ctrl-C / SIGTERM stops every child
+(SIGTERM, then SIGKILL after a grace period): no orphans.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Mesh:
+    model: str = "smollm2"
+    prefill: int = 1
+    decode: int = 1
+    colocated: bool = False
+    port: int = 8000
+    host: str = "127.0.0.1"
+    dtype: str = "auto"
+    kv_blocks: int = 2048
+    worker_blocks: int = 2048
+    curve_dir: str | None = None
+    api_keys: str | None = None
+    heartbeat_s: float = 0.5
+    log_level: str = "INFO"
+    log_dir: str | None = None
+    procs: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.colocated:
+            self.prefill, self.decode = 0, 1
+        for name in ("prefill", "decode"):
+            if not 0 <= getattr(self, name) <= 64:
+                raise ValueError(f"--{name} {getattr(self, name)} must be in [0, 64]")
+        if not self.colocated and (self.prefill < 1 or self.decode < 1):
+            raise ValueError("disaggregated mode needs --prefill >= 1 and --decode >= 1 "
+                             "(or use --colocated)")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port} must be in [1, 65535]")
+        self.run_dir = tempfile.mkdtemp(prefix="duet-run-")
+        self.addr = {name: f"ipc://{self.run_dir}/{name}.sock"
+                     for name in ("gateway", "kvstore", "tokenizer")}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _spawn(self, name: str, module: str, *args: str) -> None:
+        cmd = [sys.executable, "-m", module, *args, "--log-level", self.log_level]
+        out = None
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            out = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+        p.duet_name = name
+        self.procs.append(p)
+
+    def start(self) -> None:
+        from shared.config import EngineConfig
+        from shared.models.hub import resolve_model
+        model_dir = str(resolve_model(self.model))      # convert once, before the children
+        dtype = EngineConfig(dtype=self.dtype).resolved_dtype()
+        curve = ["--curve-dir", self.curve_dir] if self.curve_dir else []
+        workers = self.prefill + self.decode
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        self._spawn("kvstore", "services.kvstore", "--bind", self.addr["kvstore"],
+                    "--model", model_dir, "--dtype", dtype, "--num-blocks", str(self.kv_blocks), *curve)
+        self._spawn("tokenizer", "services.tokenizer", "--bind", self.addr["tokenizer"],
+                    "--model", model_dir, *curve)
+        gw = ["--model", model_dir, "--served-model-name", os.path.basename(self.model.rstrip("/")),
+              "--router-addr", self.addr["gateway"], "--tokenizer-addr", self.addr["tokenizer"],
+              "--kvstore-addr", self.addr["kvstore"], "--host", self.host, "--port", str(self.port),
+              "--heartbeat", str(self.heartbeat_s), *curve]
+        if self.api_keys:
+            gw += ["--api-keys", self.api_keys]
+        self._spawn("gateway", "services.gateway", *gw)
+        common = ["--model", model_dir, "--dtype", dtype, "--gateway-addr", self.addr["gateway"],
+                  "--kvstore-addr", self.addr["kvstore"], "--threads", threads,
+                  "--num-kv-blocks", str(self.worker_blocks), "--heartbeat", str(self.heartbeat_s), *curve]
+        roles = [("both", 1)] if self.colocated else [("prefill", self.prefill), ("decode", self.decode)]
+        for role, count in roles:
+            for i in range(count):
+                self._spawn(f"{role}-{i}", "services.worker", "--role", role,
+                            "--worker-id", f"{role}-{i}", *common)
+
+    def wait_ready(self, timeout_s: float = 300) -> dict:
+        import json
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_children()
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    body = json.loads(r.read())
+                    want = 1 if self.colocated else self.prefill + self.decode
+                    if body.get("ok") and len(body.get("workers", [])) >= want:
+                        return body
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"the mesh was not ready within {timeout_s:.0f}s")
+
+    def check_children(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.duet_name} exited with code {p.returncode}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for p in reversed(self.procs):    # workers first, kvstore last
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def run_up(mesh: Mesh) -> int:
+    stopping = []
+
+    def on_signal(signum, _frame):
+        stopping.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        mesh.start()
+        body = mesh.wait_ready()
+        mode = "colocated" if mesh.colocated else f"{mesh.prefill} prefill + {mesh.decode} decode"
+        print(f"Duet is up ({mode}, model {mesh.model}, {len(body['workers'])} workers)\n"
+              f"  OpenAI API:  {mesh.url}/v1  (chat: {mesh.url}/v1/chat/completions)\n"
+              f"  health:      {mesh.url}/health\n  metrics:     {mesh.url}/metrics\n"
+              f"Press Ctrl-C to stop.", flush=True)
+        while True:
+            mesh.check_children()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping Duet ...", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"duet up failed: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        mesh.stop()
