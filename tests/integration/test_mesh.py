@@ -152,13 +152,11 @@ def test_decode_reads_the_pages_prefill_wrote(disagg, smollm2_engine):
                 # K of layer 0 for the first block, as the in-process model computes it
                 eng = smollm2_engine
                 eng.block_manager.reset_prefix_cache()
-                eng.add_request("zc-ref", ids, SamplingParams(temperature=0, max_tokens=1))
+                eng.add_request("zc-ref", ids, SamplingParams(temperature=0, max_tokens=2))
                 seq = eng.requests["zc-ref"][0]
-                eng.step()
+                eng.step()   # the whole prompt fits one step; the seq is still running
                 ref_k = eng.kv_cache.tensor[0, 0, seq.block_table[0]].clone()
                 eng.abort("zc-ref")
-                while eng.has_unfinished():
-                    eng.step()
                 store_k = pool[hit.block_ids[0], 0, 0]
                 torch.testing.assert_close(store_k, ref_k, atol=1e-5, rtol=1e-5)
             finally:
