@@ -71,7 +71,9 @@ class Mesh:
         dtype = EngineConfig(dtype=self.dtype).resolved_dtype()
         curve = ["--curve-dir", self.curve_dir] if self.curve_dir else []
         workers = self.prefill + self.decode
-        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        # leave a core for gateway/tokenizer/store: oversubscribed OpenMP threads spin
+        # at every barrier and a 2-core colocated run was measured 10x slower for it
+        threads = str(max(1, ((os.cpu_count() or 1) - 1) // workers))
         self._spawn("kvstore", "services.kvstore", "--bind", self.addr["kvstore"],
                     "--model", model_dir, "--dtype", dtype, "--num-blocks", str(self.kv_blocks), *curve)
         self._spawn("tokenizer", "services.tokenizer", "--bind", self.addr["tokenizer"],

@@ -22,10 +22,11 @@ class LocalKVCache:
     def load_from_store(self, pool: torch.Tensor, src_blocks: list[int],
                         dst_blocks: list[int]) -> None:
         """Copy whole store blocks ([N, L, 2, bs, H, D] layout) into our blocks."""
-        src = torch.tensor(src_blocks, dtype=torch.int64)
-        dst = torch.tensor(dst_blocks, dtype=torch.int64)
-        # pool[src]: [n, L, 2, bs, H, D] -> ours is indexed [L, 2, n, ...]
-        self.tensor[:, :, dst] = pool[src].permute(1, 2, 0, 3, 4, 5).to(self.tensor.dtype)
+        # One strided copy per block, straight from the shared pages: pool[s] is
+        # [L, 2, bs, H, D] contiguous, ours [:, :, d] the same shape with layer strides.
+        # (A gather + permute would stage every byte through a temporary first.)
+        for s, d in zip(src_blocks, dst_blocks):
+            self.tensor[:, :, d].copy_(pool[s])
 
 
 class StoreKVCache:
