@@ -49,7 +49,9 @@ step kernel_tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="
     --junitxml="$OUT_DIR/kernel_tests.xml"
 step kernel_bench 150 "$PY" tools/gpu_check_kernels.py --json "$OUT_DIR/kernels.json" \
     --table "$OUT_DIR/kernel_bench_table.txt" --budget-s 110
-# step engine_graphs 90 "$PY" tools/...      (lead: more steps here)
+# two-process cuda_ipc hand-off (needs msgspec on the device: carry .whl, see the README)
+step cuda_ipc 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs tests/unit/test_buffers.py
+# not yet written: engine on CUDA vs CPU, CUDA-graph replay vs eager, decode-step timings
 # ---------------------------------------------------------------------------------------
 
 echo
