@@ -137,7 +137,9 @@ def run_up(mesh: Mesh) -> int:
         stopping.append(signum)
         raise KeyboardInterrupt
 
+    # explicit for SIGINT too: a shell that starts us in the background ignores it
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         mesh.start()
         body = mesh.wait_ready()
