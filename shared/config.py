@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -24,6 +25,9 @@ class EngineConfig:
     max_model_len: int | None = None     # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     threads: int | None = None           # CPU threads for torch; default: all cores
+    attention_backend: str = "auto"      # auto: triton on CUDA, torch on CPU
+    enforce_eager: bool = False          # CUDA: never capture or replay CUDA graphs
+    cuda_graph_max_batch: int = 32       # largest decode batch replayed from a graph
 
     def __post_init__(self):
         _check(self.dtype == "auto" or self.dtype in DTYPE_NAMES,
@@ -37,6 +41,13 @@ class EngineConfig:
         _check(self.max_model_len is None or self.max_model_len >= 1,
                f"max_model_len={self.max_model_len} must be >= 1")
         _check(self.threads is None or self.threads >= 1, f"threads={self.threads} must be >= 1")
+        _check(self.attention_backend in ATTENTION_BACKENDS,
+               f"attention_backend={self.attention_backend!r} is not supported; "
+               f"choose one of {ATTENTION_BACKENDS}")
+        _check(isinstance(self.enforce_eager, bool),
+               f"enforce_eager={self.enforce_eager!r} must be True or False")
+        _check(1 <= self.cuda_graph_max_batch <= 1024,
+               f"cuda_graph_max_batch={self.cuda_graph_max_batch} must be in [1, 1024]")
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
@@ -46,6 +57,18 @@ class EngineConfig:
         if self.device.startswith("cuda") or cpu_has_fast_bf16():
             return "bfloat16"
         return "float32"
+
+    def resolved_attention_backend(self) -> str:
+        """'torch' or 'triton'. Triton kernels on CPU run their torch references (or the
+        interpreter under TRITON_INTERPRET=1), so 'auto' keeps CPU on the faster torch path."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if self.device.startswith("cuda") else "torch"
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return (self.device.startswith("cuda") and not self.enforce_eager
+                and self.resolved_attention_backend() == "triton")
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -323,6 +323,13 @@ class KVRelease(Msg, tag="kvrel"):
     lease_id: NonNeg
 
 
+class KVRenew(Msg, tag="kvrenew"):
+    """Holder -> store: these leases are still in use (resets their TTL) -> Ack."""
+
+    request_id: str = ""
+    lease_ids: list[NonNeg] = []
+
+
 class KVStats(Msg, tag="kvstats"):
     """Ask the store for its counters (answered with KVStatsReply)."""
 
@@ -394,7 +401,7 @@ MESSAGES: tuple[type[Msg], ...] = (
     Register, Heartbeat, Ping, Goodbye, SetRole, Drain,
     PrefillRequest, PrefillDone, DecodeRequest, TokenBatch, Abort,
     KVPoolQuery, KVPoolInfo, KVLookup, KVLookupReply, KVAllocate, KVLease,
-    KVCommit, KVClaim, KVRelease, KVStats, KVStatsReply,
+    KVCommit, KVClaim, KVRelease, KVRenew, KVStats, KVStatsReply,
     TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply,
 )
 Message = Union[MESSAGES]  # type: ignore[valid-type]

@@ -98,6 +98,7 @@ class GenerationRun:
         self.max_tokens, self.arrival, self.t0 = max_tokens, arrival, t0
         self.gateway_timings = gateway_timings
         self.choices: list[Choice] = []
+        self._first_event = None
         self._closed = False
 
     def start(self) -> None:
@@ -122,12 +123,17 @@ class GenerationRun:
             raise GenerationFailed(first.error or "generation failed")
         self.metrics.prompt_tokens.inc(len(self.prompt_ids))
         self.metrics.observe_stages({**self.gateway_timings, **first.timings})
+        self._first_event = first
 
     def deltas(self) -> Iterator[tuple[Choice, str, GenEvent]]:
         active = list(self.choices)
         while active:
             for c in list(active):
                 event, c.pending = c.pending or c.next_event(), None
+                if c.index == 0 and event.timings and event is not self._first_event:
+                    # stages after token 1 (a disaggregated request's KV hand-off and
+                    # decode queue) arrive with the decode worker's first batch
+                    self.metrics.observe_stages(event.timings)
                 delta = c.feed(event, self.metrics)
                 yield c, delta, event
                 if c.done:

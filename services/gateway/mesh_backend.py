@@ -89,7 +89,9 @@ class MeshBackend:
         from services.tokenizer.client import TokenizerClient, TokenizerError
         cli = getattr(self._local, "tok", None)
         if cli is None:   # one client per request thread: zmq sockets are not thread-safe
-            cli = self._local.tok = TokenizerClient(self.ctx, self.tokenizer_addrs, timeout_s=30)
+            curve = CurveConfig.from_dir(self.curve_dir, "client") if self.curve_dir else None
+            cli = self._local.tok = TokenizerClient(self.ctx, self.tokenizer_addrs, timeout_s=30,
+                                                    curve=curve)
         try:
             return cli.tokenize(text=text, messages=messages, request_id=request_id,
                                 add_generation_prompt=add_generation_prompt)

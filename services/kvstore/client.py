@@ -28,7 +28,7 @@ from shared import transport
 from shared.buffers import shm
 from shared.buffers.handle import ITEMSIZE, BufferHandle
 from shared.protocol import (Ack, ErrorReply, KVAllocate, KVClaim, KVCommit, KVLease, KVLookup,
-                             KVLookupReply, KVPoolInfo, KVPoolQuery, KVRelease, KVStats,
+                             KVLookupReply, KVPoolInfo, KVPoolQuery, KVRelease, KVRenew, KVStats,
                              KVStatsReply, Msg, StatusReply, StatusRequest)
 
 GENERATIONS_ALIGN = 64
@@ -139,6 +139,10 @@ class KVStoreClient:
     def release(self, request_id: str, lease_id: int) -> None:
         """Return the lease's blocks; KVStoreError 'not_found' if already gone."""
         self._call(KVRelease(request_id=request_id, lease_id=lease_id), Ack)
+
+    def renew(self, lease_ids: list[int]) -> None:
+        """Keep these leases alive (their TTL restarts); unknown ids are ignored."""
+        self._call(KVRenew(lease_ids=list(lease_ids)), Ack)
 
     def stats(self) -> KVStatsReply:
         return self._call(KVStats(), KVStatsReply)

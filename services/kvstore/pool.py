@@ -12,8 +12,10 @@ no lease is live.
 
 A lease is what a request holds: blocks pinned by lookup() (prefix hits) and
 allocate() (fresh blocks), in request order. Prefill creates it; decode
-claim()s it, after which it no longer expires; release() returns its blocks.
-An unclaimed lease older than lease_ttl_s is released by expire().
+claim()s it; release() returns its blocks. Every use (allocate, commit, claim)
+and renew() touches a lease; one untouched for lease_ttl_s is released by
+expire(), claimed or not: its holder died (a prefill worker renews the leases of
+prompts still queued; decode releases right after its copy), so nothing leaks.
 
 generations[b] is bumped each time block b is handed out fresh, so a reader
 holding (block id, generation) compares it before and after copying and never
@@ -55,6 +57,10 @@ class Lease:
     created: float
     blocks: list[int] = field(default_factory=list)
     claimed: bool = False
+    touched: float = 0.0
+
+    def __post_init__(self):
+        self.touched = self.touched or self.created
 
 
 class KVPool:
@@ -187,14 +193,26 @@ class KVPool:
             self._unpin(bid)
         return len(lease.blocks)
 
+    def renew(self, lease_ids: list[int]) -> int:
+        """Touch live leases (their holder is alive); unknown ids are skipped. How many."""
+        now, n = self._clock(), 0
+        for lid in lease_ids:
+            lease = self._leases.get(lid)
+            if lease is not None:
+                lease.touched = now
+                n += 1
+        return n
+
     def expire(self) -> int:
-        """Release every unclaimed lease older than lease_ttl_s; how many."""
+        """Release every lease untouched for lease_ttl_s; how many."""
         now = self._clock()
         stale = [lease for lease in self._leases.values()
-                 if not lease.claimed and now - lease.created > self.lease_ttl_s]
+                 if now - lease.touched > self.lease_ttl_s]
         for lease in stale:
-            log.warning("lease %d of request %s expired unclaimed after %.1fs (%d blocks)",
-                        lease.lease_id, lease.request_id, now - lease.created, len(lease.blocks))
+            log.warning("lease %d of request %s expired (%s) after %.1fs idle (%d blocks)",
+                        lease.lease_id, lease.request_id,
+                        "claimed" if lease.claimed else "unclaimed", now - lease.touched,
+                        len(lease.blocks))
             self.release(lease.lease_id)
         self.expired_leases += len(stale)
         return len(stale)
@@ -233,6 +251,7 @@ class KVPool:
         lease = self._leases.get(lease_id)
         if lease is None:
             raise PoolError("not_found", f"lease {lease_id} is unknown (never issued, released or expired)")
+        lease.touched = self._clock()
         return lease
 
     def _new_lease(self, request_id: str) -> Lease:

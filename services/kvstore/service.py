@@ -28,7 +28,7 @@ from shared.buffers.handle import ITEMSIZE, numel
 from shared.buffers.shm import SHM_DIR, ShmRegion
 from shared.models.config import ModelConfig
 from shared.protocol import (Ack, ErrorReply, KVAllocate, KVClaim, KVCommit, KVLease, KVLookup,
-                             KVLookupReply, KVPoolInfo, KVPoolQuery, KVRelease, KVStats,
+                             KVLookupReply, KVPoolInfo, KVPoolQuery, KVRelease, KVRenew, KVStats,
                              KVStatsReply, Msg, StatusReply, StatusRequest)
 from services.kvstore.client import generations_handle, generations_offset, pool_shape, segment_nbytes
 from services.kvstore.config import KVStoreConfig
@@ -75,7 +75,7 @@ class KVStoreService:
             raise
         self._handlers: dict[type, Callable[[Any], Msg]] = {
             KVPoolQuery: lambda m: self.info, KVLookup: self._lookup, KVAllocate: self._allocate,
-            KVCommit: self._commit, KVClaim: self._claim, KVRelease: self._release,
+            KVCommit: self._commit, KVClaim: self._claim, KVRelease: self._release, KVRenew: self._renew,
             KVStats: lambda m: KVStatsReply(**self.pool.stats()), StatusRequest: self._status,
         }
         log.info("kvstore on %s: %d blocks of %d tokens, %s %s, shm %s (%.2f MiB), lease ttl %gs",
@@ -162,6 +162,10 @@ class KVStoreService:
         blocks, gens = self.pool.claim(m.lease_id)
         log.debug("request %s: claimed lease %d", m.request_id, m.lease_id)
         return KVLease(request_id=m.request_id, lease_id=m.lease_id, block_ids=blocks, generations=gens)
+
+    def _renew(self, m: KVRenew) -> Ack:
+        self.pool.renew(m.lease_ids)
+        return Ack(request_id=m.request_id)
 
     def _release(self, m: KVRelease) -> Ack:
         n = self.pool.release(m.lease_id)

@@ -146,6 +146,8 @@ class Worker:
                                    queued_tokens=s.num_queued_tokens + sum(
                                        len(j.req.prompt_ids) for j in self.prefill_jobs.values())))
             self.gateway.sent()
+            if self.prefill_jobs:   # queued prompts keep their store leases alive
+                self.kv.renew([j.lease_id for j in self.prefill_jobs.values()])
 
     def _drain_inbox(self) -> None:
         while True:

@@ -14,7 +14,7 @@ import torch
 from shared.config import EngineConfig
 from shared.engine.block_manager import BlockManager, blocks_for
 from shared.engine.kv_cache import LocalKVCache
-from shared.engine.model_runner import ModelRunner
+from shared.engine.model_runner import build_runner
 from shared.engine.outputs import RequestOutput
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
@@ -55,7 +55,7 @@ class LLMEngine:
             kv_cache = LocalKVCache(mc, config.num_kv_blocks, config.block_size,
                                     model.embed_tokens.weight.dtype, config.device)
         self.kv_cache = kv_cache
-        self.runner = ModelRunner(model, kv_cache, config.device)
+        self.runner = build_runner(model, kv_cache, config, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
 

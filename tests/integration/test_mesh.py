@@ -258,3 +258,33 @@ def test_kill_9_decode_worker_mid_stream(smollm2_dir, tmp_path):
     finally:
         mesh.procs = [p for p in mesh.procs if p.poll() is None]
         mesh.stop()
+
+
+def test_curve_authenticated_mesh(smollm2_dir, tmp_path):
+    """With --curve-dir every socket is CURVE: the mesh serves, and a peer without the
+    keys cannot register as a worker."""
+    from shared import protocol as P
+    from shared.transport import generate_keys, send_msg
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    mesh = start_mesh(smollm2_dir, tmp_path / "logs", colocated=True, curve_dir=str(keys))
+    try:
+        r = client(mesh).completions.create(model="smollm2", prompt="Secure hello", max_tokens=4,
+                                            temperature=0)
+        assert r.choices[0].text
+        ctx = zmq.Context()
+        try:
+            rogue = ctx.socket(zmq.DEALER)
+            rogue.setsockopt(zmq.LINGER, 0)
+            rogue.setsockopt(zmq.IDENTITY, b"rogue")
+            rogue.connect(mesh.addr["gateway"])
+            send_msg(rogue, P.Register(worker_id="rogue", role="decode", model="x", devices=["cpu"],
+                                       max_batch_tokens=1, total_blocks=1, free_blocks=1))
+            time.sleep(1.5)
+            ids = {w["worker_id"] for w in get_json(mesh.url + "/health")["workers"]}
+            assert ids == {"both-0"}
+            rogue.close()
+        finally:
+            ctx.term()
+    finally:
+        mesh.stop()

@@ -169,27 +169,31 @@ def test_commit_rejects_blocks_outside_the_lease_and_bad_tokens():
     assert_idle(pool)
 
 
-def test_unclaimed_leases_expire_after_ttl():
+def test_leases_expire_when_untouched_for_the_ttl():
     clock = FakeClock()
     pool = make(ttl=10.0, clock=clock)
     old, _, _ = pool.allocate("old", 2)
-    claimed, _, _ = pool.allocate("claimed", 2)
-    pool.claim(claimed)
+    queued, _, _ = pool.allocate("queued", 2)     # a prompt still waiting in a prefill queue
     clock.now = 5.0
     young, _, _ = pool.allocate("young", 1)
+    clock.now = 9.0
+    assert pool.renew([queued, 999]) == 1         # its worker is alive; unknown ids skipped
     clock.now = 10.0
     assert pool.expire() == 0  # exactly at the TTL: still alive
     clock.now = 10.5
     assert pool.expire() == 1
-    assert [ls["request_id"] for ls in pool.ledger()] == ["claimed", "young"]
+    assert [ls["request_id"] for ls in pool.ledger()] == ["queued", "young"]
     assert pool.stats()["expired_leases"] == 1 and pool.stats()["free_blocks"] == 5
     with pytest.raises(PoolError, match=f"lease {old} is unknown"):
         pool.claim(old)  # decode came too late: it must not read those blocks
-    clock.now = 100.0
-    assert pool.expire() == 1 and pool.stats()["expired_leases"] == 2
-    assert pool.ledger() == [{"lease_id": claimed, "request_id": "claimed", "blocks": [2, 3],
-                              "age_s": 100.0, "claimed": True}]
-    pool.release(claimed)
+    clock.now = 12.0
+    pool.claim(queued)                            # claiming touches it too
+    clock.now = 21.0
+    assert pool.expire() == 1                     # young: untouched since 5.0
+    assert [ls["request_id"] for ls in pool.ledger()] == ["queued"]
+    clock.now = 100.0                             # a decode worker died holding its claim:
+    assert pool.expire() == 1                     # claimed leases expire too, nothing leaks
+    assert pool.stats()["expired_leases"] == 3
     assert_idle(pool)
     assert young == 3
 

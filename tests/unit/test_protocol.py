@@ -46,6 +46,7 @@ SAMPLES = [
     p.KVCommit(request_id="r1", lease_id=9, block_ids=[3, 7], token_ids=list(range(32))),
     p.KVClaim(request_id="r1", lease_id=9),
     p.KVRelease(request_id="r1", lease_id=9),
+    p.KVRenew(request_id="r1", lease_ids=[9, 10]),
     p.KVStats(),
     p.KVStatsReply(total_blocks=100, free_blocks=90, cached_blocks=5, leased_blocks=5, leases=2,
                    expired_leases=1, lookup_tokens=400, hit_tokens=128),
