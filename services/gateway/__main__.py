@@ -30,6 +30,10 @@ def main(model, served_model_name, router_addr, tokenizer_addrs, kvstore_addr, h
     from services.gateway.mesh_backend import MeshBackend
     from services.gateway.server import serve
 
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:   # one fd per client connection: hundreds of streams need headroom
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     keys = {k.strip() for k in api_keys.split(",") if k.strip()} if api_keys else None
     backend = MeshBackend(resolve_model(model), router_addr, list(tokenizer_addrs),
                           kvstore_addr or None, heartbeat_s=heartbeat_s, curve_dir=curve_dir,

@@ -62,8 +62,11 @@ class MeshBackend:
         self.router = Router()
         self.peers = PeerTable(timeout_s=heartbeat_s * liveness)
         self.flights: dict[str, Flight] = {}
+        self._told: dict[bytes, float] = {}   # unregistered peers last told to register
         self.commands: queue.Queue = queue.Queue()
-        self._local = threading.local()
+        self._bell, self._bell_lock = None, threading.Lock()
+        self._tok_pool: queue.Queue = queue.Queue()
+        self._tok_clients: list = []
         self._stop = threading.Event()
         self._ready = threading.Event()
         self.counters = {"dispatched": 0, "redispatched": 0, "worker_deaths": 0, "errors": 0}
@@ -73,25 +76,27 @@ class MeshBackend:
             raise RuntimeError(f"gateway broker could not bind {router_addr}")
 
     # -- request-thread side ---------------------------------------------------------------
-    def _bell(self) -> zmq.Socket:
-        s = getattr(self._local, "bell", None)
-        if s is None:
-            s = self.ctx.socket(zmq.PUSH)
-            s.connect("inproc://duet-broker-bell")
-            self._local.bell = s
-        return s
-
     def _submit(self, cmd) -> None:
         self.commands.put(cmd)
-        self._bell().send(b"", zmq.NOBLOCK)
+        # one doorbell socket for all request threads (hundreds of per-thread sockets
+        # exhaust file descriptors); zmq sockets are not thread-safe, hence the lock
+        with self._bell_lock:
+            if self._bell is None:
+                self._bell = self.ctx.socket(zmq.PUSH)
+                self._bell.connect("inproc://duet-broker-bell")
+            try:
+                self._bell.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass   # the broker has rings queued: it will drain the commands anyway
 
     def tokenize(self, request_id, text=None, messages=None, add_generation_prompt=True):
         from services.tokenizer.client import TokenizerClient, TokenizerError
-        cli = getattr(self._local, "tok", None)
-        if cli is None:   # one client per request thread: zmq sockets are not thread-safe
+        try:   # a small pool of clients shared by the request threads
+            cli = self._tok_pool.get_nowait()
+        except queue.Empty:
             curve = CurveConfig.from_dir(self.curve_dir, "client") if self.curve_dir else None
-            cli = self._local.tok = TokenizerClient(self.ctx, self.tokenizer_addrs, timeout_s=30,
-                                                    curve=curve)
+            cli = TokenizerClient(self.ctx, self.tokenizer_addrs, timeout_s=30, curve=curve)
+            self._tok_clients.append(cli)
         try:
             return cli.tokenize(text=text, messages=messages, request_id=request_id,
                                 add_generation_prompt=add_generation_prompt)
@@ -99,6 +104,8 @@ class MeshBackend:
             if getattr(e, "code", "") in ("timeout", "unavailable"):
                 raise Overloaded(f"tokenizer unavailable: {e}")
             raise ValueError(str(e))
+        finally:
+            self._tok_pool.put(cli)
 
     def generate(self, req: GenRequest) -> Iterator[GenEvent]:
         bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
@@ -148,16 +155,14 @@ class MeshBackend:
     def close(self) -> None:
         self._stop.set()
         try:
-            self._bell().send(b"", zmq.NOBLOCK)
+            self._submit(("noop",))
         except zmq.ZMQError:
             pass
         self._thread.join(5)
-        for s in (getattr(self._local, "bell", None),):
-            if s is not None:
-                s.close(linger=0)
-        tok = getattr(self._local, "tok", None)
-        if tok is not None:
-            tok.close()
+        if self._bell is not None:
+            self._bell.close(linger=0)
+        for cli in self._tok_clients:
+            cli.close()
         close_context(self.ctx)
 
     # -- broker thread -------------------------------------------------------------------
@@ -260,7 +265,10 @@ class MeshBackend:
                 self._register(ident, msg)
                 continue
             if not known:
-                if not isinstance(msg, (P.Goodbye, P.ErrorReply)):
+                now = time.monotonic()
+                if (not isinstance(msg, (P.Goodbye, P.ErrorReply))
+                        and now - self._told.get(ident, 0.0) > 1.0):   # once a second at most
+                    self._told[ident] = now
                     log.warning("message %s from unregistered peer %r", type(msg).__name__, ident)
                     send_msg(self.sock, P.ErrorReply(code="not_found", message="register first"), ident)
                 continue

@@ -18,7 +18,9 @@ class WorkerConfig:
     worker_id: str = field(default_factory=lambda: f"w-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     engine: EngineConfig = field(default_factory=EngineConfig)
     heartbeat_s: float = 0.5
-    liveness: int = 6              # gateway silent for heartbeat_s * liveness -> reconnect
+    # gateway silent for heartbeat_s * liveness -> reconnect. Generous: a gateway busy
+    # with hundreds of streams may ping late, and a reconnect aborts in-flight work.
+    liveness: int = 20
     curve_dir: str | None = None
 
     def __post_init__(self):

@@ -96,6 +96,11 @@ class Worker:
             self.sock.close(linger=0)
         self.sock = connect_dealer(self.ctx, self.cfg.gateway_addr, self.cfg.worker_id,
                                    curve=self.curve)
+        self._register()
+        self.gateway.heard()
+
+    def _register(self) -> None:
+        self._last_register = time.monotonic()
         eng = self.decode
         self._send(P.Register(worker_id=self.cfg.worker_id, role=self.role,
                               model=str(self.cfg.engine.model), devices=[self.cfg.engine.device],
@@ -103,7 +108,6 @@ class Worker:
                               total_blocks=eng.block_manager.num_blocks,
                               free_blocks=eng.block_manager.num_free_blocks,
                               block_size=eng.config.block_size))
-        self.gateway.heard()
 
     def _send(self, msg) -> None:
         send_msg(self.sock, msg)
@@ -184,6 +188,13 @@ class Worker:
             self._send(P.StatusReply(service="worker", data=self.status()))
         elif isinstance(msg, (P.Ping, P.Ack)):
             pass
+        elif isinstance(msg, P.ErrorReply) and msg.code == "not_found" and msg.request_id is None:
+            # the gateway lost track of us (it restarted, or purged us while we were busy)
+            # its requests here were already re-dispatched or failed by the gateway
+            if time.monotonic() - self._last_register > 1.0:
+                log.warning("gateway does not know this worker (%s): registering again", msg.message)
+                self._abort_all("gateway forgot this worker")
+                self._register()
         else:
             raise ValueError(f"worker does not handle {type(msg).__name__}")
 
