@@ -6,6 +6,9 @@
 #
 # To add a step, append one line to the STEPS section:  step <name> <limit_s> <command...>
 # A step may write <name>_table.txt into $OUT_DIR; the summary prints those tables too.
+# The summary, with the card's name and the date, is appended to results/gpu_check.md.
+# GPU_CHECK_PACK=1 packs the per-step files into one gpu_check_outputs.tar.gz at the end,
+# leaving three files in $OUT_DIR (for a machine that returns only a few files).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -42,27 +45,63 @@ step() {  # step <name> <limit_s> <command...>
     esac
 }
 
+bench_budget() {  # seconds left for the kernel sweep, keeping 40 s for its baselines and report
+    local b=$(( TOTAL_BUDGET_S - ($(date +%s) - START) - 40 ))
+    (( b < 20 )) && b=20
+    echo "$b"
+}
+
 # ---- STEPS ---------------------------------------------------------------------------
 step gpu_info 30 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; \
     '$PY' -c 'import torch, triton, pytest; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"pytest\", pytest.__version__, torch.cuda.get_device_name())'"
 step kernel_tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs tests/unit/kernels \
     --junitxml="$OUT_DIR/kernel_tests.xml"
-step kernel_bench 150 "$PY" tools/gpu_check_kernels.py --json "$OUT_DIR/kernels.json" \
-    --table "$OUT_DIR/kernel_bench_table.txt" --budget-s 110
+# engine on CUDA vs CPU tokens, graph replay vs eager (tiny model; SmolLM2 only where its package is)
+step engine_tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs \
+    tests/unit/engine/test_triton_backend.py --junitxml="$OUT_DIR/engine_tests.xml"
+# SmolLM2(-shaped) tokens CUDA vs CPU; decode step latency, CUDA graphs vs eager
+step engine_check 150 "$PY" tools/gpu_check_engine.py --parts tokens,latency \
+    --json "$OUT_DIR/engine.json" --table "$OUT_DIR/engine_check_table.txt"
 # two-process cuda_ipc hand-off (needs msgspec on the device: carry .whl, see the README)
+step kv_handoff 90 "$PY" tools/gpu_check_engine.py --parts handoff \
+    --json "$OUT_DIR/kv_handoff.json" --table "$OUT_DIR/kv_handoff_table.txt"
 step cuda_ipc 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs tests/unit/test_buffers.py
-# not yet written: engine on CUDA vs CPU, CUDA-graph replay vs eager, decode-step timings
+# last: its config sweep takes whatever time is left (the default configs are measured first)
+step kernel_bench 150 "$PY" tools/gpu_check_kernels.py --json "$OUT_DIR/kernels.json" \
+    --table "$OUT_DIR/kernel_bench_table.txt" --budget-s "$(bench_budget)"
 # ---------------------------------------------------------------------------------------
 
+summary() {
+    for t in "$OUT_DIR"/*_table.txt; do
+        [[ -f $t ]] && { echo "--- $(basename "$t" .txt)"; cat "$t"; echo; }
+    done
+    echo "=== summary ($(( $(date +%s) - START ))s total, outputs in $OUT_DIR)"
+    printf '%-16s %-24s %6s  %s\n' step result secs log
+    for i in "${!NAMES[@]}"; do
+        printf '%-16s %-24s %6s  %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECS[$i]}" "$OUT_DIR/${NAMES[$i]}.log"
+    done
+}
+
 echo
-for t in "$OUT_DIR"/*_table.txt; do
-    [[ -f $t ]] && { echo "--- $(basename "$t" .txt)"; cat "$t"; echo; }
-done
-echo "=== summary ($(( $(date +%s) - START ))s total, outputs in $OUT_DIR)"
-printf '%-16s %-24s %6s  %s\n' step result secs log
+summary | tee "$OUT_DIR/summary.txt"
 failed=0
-for i in "${!NAMES[@]}"; do
-    printf '%-16s %-24s %6s  %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECS[$i]}" "$OUT_DIR/${NAMES[$i]}.log"
-    [[ ${RESULTS[$i]} == ok ]] || failed=$((failed + 1))
-done
+for r in "${RESULTS[@]}"; do [[ $r == ok ]] || failed=$((failed + 1)); done
+
+# the record of runs: card, date and the summary, appended to results/gpu_check.md (and a
+# copy beside the other outputs, for a machine whose working tree does not come back)
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
+{
+    echo
+    echo "## $(date -u '+%Y-%m-%d %H:%M UTC') - ${CARD:-unknown GPU} - $failed step(s) not ok"
+    echo
+    echo '```'
+    cat "$OUT_DIR/summary.txt"
+    echo '```'
+} >> results/gpu_check.md
+[[ "$(realpath "$OUT_DIR")" == "$(realpath results)" ]] || cp results/gpu_check.md "$OUT_DIR/gpu_check.md"
+if [[ "${GPU_CHECK_PACK:-0}" == 1 ]]; then  # only the files this run wrote
+    ( cd "$OUT_DIR" && find . -maxdepth 1 -type f -newermt "@$START" ! -name summary.txt \
+        ! -name gpu_check.md ! -name gpu_check_outputs.tar.gz -printf '%P\n' \
+        | tar -czf gpu_check_outputs.tar.gz --remove-files -T - )
+fi
 exit $(( failed > 0 ))

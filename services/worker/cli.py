@@ -25,15 +25,20 @@ def worker_command(default_role: str):
     @click.option("--max-num-seqs", default=64, show_default=True, type=int)
     @click.option("--max-num-batched-tokens", default=1024, show_default=True, type=int)
     @click.option("--threads", default=None, type=int)
+    @click.option("--attention-backend", default="auto", show_default=True,
+                  type=click.Choice(["auto", "torch", "triton"]))
+    @click.option("--enforce-eager", is_flag=True, help="no CUDA graphs")
     @click.option("--heartbeat", "heartbeat_s", default=0.5, show_default=True, type=float)
     @click.option("--curve-dir", default=None)
     @click.option("--log-level", default="INFO", show_default=True)
     def cmd(role, model, dtype, device, gateway_addr, kvstore_addr, worker_id, num_kv_blocks,
-            max_num_seqs, max_num_batched_tokens, threads, heartbeat_s, curve_dir, log_level):
+            max_num_seqs, max_num_batched_tokens, threads, attention_backend, enforce_eager,
+            heartbeat_s, curve_dir, log_level):
         logging.basicConfig(level=log_level, format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
         try:
             eng = EngineConfig(model=model, dtype=dtype, device=device, num_kv_blocks=num_kv_blocks,
                                max_num_seqs=max_num_seqs, threads=threads,
+                               attention_backend=attention_backend, enforce_eager=enforce_eager,
                                max_num_batched_tokens=max_num_batched_tokens)
             kw = {"worker_id": worker_id} if worker_id else {}
             cfg = WorkerConfig(role=role, gateway_addr=gateway_addr, kvstore_addr=kvstore_addr or None,

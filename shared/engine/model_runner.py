@@ -15,7 +15,6 @@ from shared.config import EngineConfig
 from shared.engine.attention import TorchPagedAttention, build_metadata
 from shared.engine.scheduler import ScheduledBatch
 from shared.engine.sequence import Sequence
-from shared.engine.triton_attention import TritonPagedAttention, build_triton_metadata
 from shared.models.llama import LlamaForCausalLM
 
 BACKENDS = ("torch", "triton")
@@ -63,6 +62,9 @@ class ModelRunner:
         self.device = device
         self.attention_backend = attention_backend
         self.scale = model.config.head_dim ** -0.5
+        if attention_backend == "triton":  # imported here: CPU-only runs never load Triton
+            from shared.engine import triton_attention
+            self._triton = triton_attention
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
@@ -84,9 +86,9 @@ class ModelRunner:
 
     def attention(self, step: StepInputs):
         if self.attention_backend == "triton":
-            meta = build_triton_metadata(step.q_lens, step.ctx_lens, step.block_tables,
-                                         self.block_size, self.device)
-            return TritonPagedAttention(self.kv_cache, meta, self.scale)
+            meta = self._triton.build_triton_metadata(step.q_lens, step.ctx_lens, step.block_tables,
+                                                      self.block_size, self.device)
+            return self._triton.TritonPagedAttention(self.kv_cache, meta, self.scale)
         meta = build_metadata(step.q_lens, step.ctx_lens, step.block_tables, self.block_size)
         return TorchPagedAttention(self.kv_cache, meta, self.scale)
 
