@@ -73,7 +73,6 @@ class Tokenizer:
 
 def _compile_template(source: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2 import StrictUndefined  # noqa: F401  (templates test `is defined`)
 
     def raise_exception(message):
         raise ValueError(f"chat template error: {message}")

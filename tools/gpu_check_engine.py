@@ -51,6 +51,7 @@ from shared.engine.model_runner import ModelRunner  # noqa: E402
 from shared.engine.sampling_params import SamplingParams  # noqa: E402
 from shared.engine.scheduler import ScheduledBatch  # noqa: E402
 from shared.engine.sequence import Sequence  # noqa: E402
+from tools.gpu_check_kernels import time_ms  # noqa: E402
 from shared.models.config import ModelConfig  # noqa: E402
 from shared.models.llama import LlamaForCausalLM  # noqa: E402
 
@@ -195,16 +196,6 @@ def check_latency(model_cpu, device: str, dtype: torch.dtype, iters: int) -> dic
 
 
 # -- handoff -----------------------------------------------------------------------------
-def _events_ms(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def _checksum(t: torch.Tensor) -> int:
@@ -233,10 +224,10 @@ def _handoff_reader(encoded: bytes, dst_order: list[int], iters: int, conn) -> N
         unpack_kv(store, cache, src, dst)
         torch.cuda.synchronize()
         first_ms = (time.perf_counter() - t0) * 1e3  # open + first copy (+ kernel load)
-        ipc_ms = _events_ms(lambda: unpack_kv(store, cache, src, dst), iters)
+        ipc_ms = time_ms(lambda: unpack_kv(store, cache, src, dst), iters, warmup=1)
         flat = torch.empty(handle.nbytes, dtype=torch.uint8, device=store.device)
         raw = store.view(-1).view(torch.uint8)
-        raw_ms = _events_ms(lambda: flat.copy_(raw), iters)
+        raw_ms = time_ms(lambda: flat.copy_(raw), iters, warmup=1)
         # block i of the store landed in cache block dst_order[i]: same bits in total
         result = {"first_ms": first_ms, "ipc_unpack_ms": ipc_ms, "ipc_raw_copy_ms": raw_ms,
                   "checksum": _checksum(cache), "block0_equal": bool(torch.equal(
@@ -275,13 +266,13 @@ def check_handoff(iters: int) -> dict:
         # same-process baselines: a plain copy of the same bytes, and the same unpack
         flat_src, flat_dst = store.view(-1).view(torch.uint8), torch.empty(nbytes, dtype=torch.uint8,
                                                                             device=store.device)
-        d2d_ms = _events_ms(lambda: flat_dst.copy_(flat_src), iters)
+        d2d_ms = time_ms(lambda: flat_dst.copy_(flat_src), iters, warmup=1)
         del flat_dst
         cache = torch.empty(s["L"], 2, s["N"], s["bs"], s["H"], s["D"], dtype=store.dtype,
                             device=store.device)
         order = torch.randperm(s["N"], generator=torch.Generator().manual_seed(1)).tolist()
         src, dst = torch.arange(s["N"], device=store.device), torch.tensor(order, device=store.device)
-        local_ms = _events_ms(lambda: unpack_kv(store, cache, src, dst), iters)
+        local_ms = time_ms(lambda: unpack_kv(store, cache, src, dst), iters, warmup=1)
         del cache
         torch.cuda.empty_cache()
         torch.cuda.synchronize()

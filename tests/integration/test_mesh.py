@@ -128,10 +128,8 @@ def test_decode_reads_the_pages_prefill_wrote(disagg, smollm2_engine):
     """Zero-copy: prefill and decode map the one store segment; the prompt's KV sits in
     the store blocks exactly as the engine computes it, so nobody copied it in between."""
     import torch
-    from shared.buffers import open as open_handle
     from services.kvstore.client import KVStoreClient, open_pool
     from shared.transport import close_context, make_context
-    from tests.unit.models.test_llama_vs_hf import duet_logits  # noqa: F401 (same model path)
 
     procs = {p.duet_name: p.pid for p in disagg.procs}
     seg_prefill, seg_decode = _maps(procs["prefill-0"]), _maps(procs["decode-0"])
