@@ -28,6 +28,7 @@ class EngineConfig:
     attention_backend: str = "auto"      # auto: triton on CUDA, torch on CPU
     enforce_eager: bool = False          # CUDA: never capture or replay CUDA graphs
     cuda_graph_max_batch: int = 32       # largest decode batch replayed from a graph
+    cuda_graph_max_tokens: int = 512     # largest prefill/mixed step replayed; 0: none
 
     def __post_init__(self):
         _check(self.dtype == "auto" or self.dtype in DTYPE_NAMES,
@@ -48,6 +49,8 @@ class EngineConfig:
                f"enforce_eager={self.enforce_eager!r} must be True or False")
         _check(1 <= self.cuda_graph_max_batch <= 1024,
                f"cuda_graph_max_batch={self.cuda_graph_max_batch} must be in [1, 1024]")
+        _check(0 <= self.cuda_graph_max_tokens <= 8192,
+               f"cuda_graph_max_tokens={self.cuda_graph_max_tokens} must be in [0, 8192]")
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

@@ -9,6 +9,8 @@ two steps):
   latency  decode step latency (bf16) of the graph runner vs the eager runner at batch
            1, 8, 32, context 512: CUDA events around runner.run(), i.e. host-side packing,
            the copies in, the forward and the logits back. Target: graphs >= 3x eager at 1.
+           Then prefill steps the same way: a 32-token chunk after 480 cached tokens, and
+           4 sequences x 64 new tokens (prefill graphs, token buckets up to 256).
   handoff  KV hand-off over cuda_ipc: this process (the writer) fills a dedicated
            IpcBuffer with store-layout blocks [N, L, 2, bs, H, D]; a reader process opens
            the handle and copies the blocks into its paged cache [L, 2, N, bs, H, D] with
@@ -60,6 +62,8 @@ SMOLLM2_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
 PROMPT_LENS, MAX_TOKENS = (5, 40, 150, 17), 24
 LATENCY_BATCHES, LATENCY_CONTEXT, BLOCK = (1, 8, 32), 512, 16
+PREFILL_STEPS = ((1, 32, 480), (4, 64, 0))  # (sequences, new tokens each, cached tokens each)
+PREFILL_MAX_TOKENS = 256
 # hand-off: 256 blocks of a Llama-8B-like layout (32 layers, 8 kv heads, D 128), bf16: 512 MiB
 HANDOFF_SHAPE = dict(N=256, L=32, bs=16, H=8, D=128)
 CHILD_TIMEOUT_S = 150
@@ -129,7 +133,8 @@ def check_tokens(model_cpu, device: str) -> dict:
         rows.append({"runner": f"{device} {name}", "identical": got == want,
                      "first_mismatch_prompt": first_diff, "seconds": time.perf_counter() - t0,
                      "runner_class": type(runner).__name__,
-                     "graph_replays": getattr(runner, "num_replays", 0)})
+                     "graph_replays": getattr(runner, "num_replays", 0),
+                     "prefill_graph_replays": getattr(runner, "num_prefill_replays", 0)})
     return {"prompt_lens": list(PROMPT_LENS), "max_tokens": MAX_TOKENS, "cpu_tokens": want, "rows": rows}
 
 
@@ -145,6 +150,20 @@ def decode_batch(batch: int, context: int, vocab: int) -> ScheduledBatch:
         s.block_table = list(range(b * nblk, (b + 1) * nblk))
         seqs.append(s)
     return ScheduledBatch(seqs, [1] * batch)
+
+
+def prefill_batch(n: int, new: int, cached: int, vocab: int) -> ScheduledBatch:
+    """`n` sequences with `cached` tokens already in the cache, `new` tokens to compute."""
+    context = cached + new
+    nblk = -(-context // BLOCK)
+    seqs = []
+    for b in range(n):
+        s = Sequence(f"pre{b}", [(b * 17 + i) % (vocab - 3) + 3 for i in range(context)],
+                     SamplingParams(temperature=0, max_tokens=1))
+        s.num_computed_tokens = cached
+        s.block_table = list(range(b * nblk, (b + 1) * nblk))
+        seqs.append(s)
+    return ScheduledBatch(seqs, [new] * n)
 
 
 def step_ms(runner, batch: ScheduledBatch, iters: int, device: str) -> float:
@@ -173,7 +192,8 @@ def check_latency(model_cpu, device: str, dtype: torch.dtype, iters: int) -> dic
     cache = LocalKVCache(mc, max_bs * -(-LATENCY_CONTEXT // BLOCK), BLOCK, dtype, device)
     max_len = min(mc.max_position_embeddings, model.max_positions)  # what the engine would use
     t0 = time.perf_counter()
-    graphs = CudaGraphRunner(model, cache, device, max_batch=max_bs, max_model_len=max_len)
+    graphs = CudaGraphRunner(model, cache, device, max_batch=max_bs, max_model_len=max_len,
+                             max_tokens=PREFILL_MAX_TOKENS, max_seqs=max_bs)
     capture_s = time.perf_counter() - t0
     eager = ModelRunner(model, cache, device, "triton")
     rows = []
@@ -189,8 +209,21 @@ def check_latency(model_cpu, device: str, dtype: torch.dtype, iters: int) -> dic
                      "replayed": graphs.num_replays > replays,
                      "argmax_agree": float((le.argmax(-1) == lg.argmax(-1)).float().mean()),
                      "max_abs_logit_diff": float((le - lg).abs().max())})
+    prefill_rows = []
+    for n, new, cached in PREFILL_STEPS:
+        batch = prefill_batch(n, new, cached, mc.vocab_size)
+        eager_ms = step_ms(eager, batch, iters, device)
+        replays = graphs.num_prefill_replays
+        graph_ms = step_ms(graphs, batch, iters, device)
+        le, _ = eager.run(batch)
+        lg, _ = graphs.run(batch)
+        prefill_rows.append({"seqs": n, "new_tokens": new, "cached": cached, "eager_ms": eager_ms,
+                             "graph_ms": graph_ms, "speedup": eager_ms / graph_ms,
+                             "replayed": graphs.num_prefill_replays > replays,
+                             "argmax_agree": float((le.argmax(-1) == lg.argmax(-1)).float().mean())})
     return {"dtype": str(dtype).replace("torch.", ""), "capture_s": capture_s,
-            "buckets": graphs.buckets, "table_width": graphs.table_width, "rows": rows,
+            "buckets": graphs.buckets, "token_buckets": graphs.token_buckets,
+            "table_width": graphs.table_width, "rows": rows, "prefill_rows": prefill_rows,
             "target": "graphs >= 3x eager at batch 1",
             "target_met": rows[0]["speedup"] >= 3.0 if rows and rows[0]["batch"] == 1 else None}
 
@@ -319,7 +352,8 @@ def table(res: dict) -> str:
                      f"{t['max_tokens']} new each):")
         for r in t["rows"]:
             lines.append(f"  {r['runner']:<14} {'identical' if r['identical'] else 'MISMATCH'}"
-                         f"  ({r['runner_class']}, {r['graph_replays']} graph replays)")
+                         f"  ({r['runner_class']}, {r['graph_replays']} decode + "
+                         f"{r.get('prefill_graph_replays', 0)} prefill graph replays)")
     if "latency" in res:
         lt = res["latency"]
         lines.append(f"decode step latency, {lt['dtype']}, context {LATENCY_CONTEXT} "
@@ -330,6 +364,13 @@ def table(res: dict) -> str:
                          f"{r['speedup']:>7.2f}x  {r['argmax_agree']:.2f}"
                          + ("" if r["replayed"] else "  (NOT replayed)"))
         lines.append(f"  target {lt['target']}: {'met' if lt['target_met'] else 'MISSED'}")
+        lines.append(f"prefill step latency, {lt['dtype']} (token buckets {lt['token_buckets']}):")
+        lines.append(f"  {'seqs x new (+cached)':>21} {'eager ms':>9} {'graph ms':>9} {'speedup':>8}  argmax agree")
+        for r in lt["prefill_rows"]:
+            what = f"{r['seqs']} x {r['new_tokens']} (+{r['cached']})"
+            lines.append(f"  {what:>21} {r['eager_ms']:>9.3f} {r['graph_ms']:>9.3f} "
+                         f"{r['speedup']:>7.2f}x  {r['argmax_agree']:.2f}"
+                         + ("" if r["replayed"] else "  (NOT replayed)"))
     if "handoff" in res:
         h = res["handoff"]
         lines.append(f"KV hand-off over cuda_ipc, {h['bytes'] / 2**20:.0f} MiB of store blocks "

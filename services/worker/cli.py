@@ -28,18 +28,24 @@ def worker_command(default_role: str):
     @click.option("--attention-backend", default="auto", show_default=True,
                   type=click.Choice(["auto", "torch", "triton"]))
     @click.option("--enforce-eager", is_flag=True, help="no CUDA graphs")
+    @click.option("--cuda-graph-max-batch", default=32, show_default=True, type=int,
+                  help="largest decode batch replayed from a CUDA graph")
+    @click.option("--cuda-graph-max-tokens", default=512, show_default=True, type=int,
+                  help="largest prefill/mixed step (tokens) replayed from a CUDA graph; 0: none")
     @click.option("--heartbeat", "heartbeat_s", default=0.5, show_default=True, type=float)
     @click.option("--curve-dir", default=None)
     @click.option("--log-level", default="INFO", show_default=True)
     def cmd(role, model, dtype, device, gateway_addr, kvstore_addr, worker_id, num_kv_blocks,
             max_num_seqs, max_num_batched_tokens, threads, attention_backend, enforce_eager,
-            heartbeat_s, curve_dir, log_level):
+            cuda_graph_max_batch, cuda_graph_max_tokens, heartbeat_s, curve_dir, log_level):
         logging.basicConfig(level=log_level, format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
         try:
             eng = EngineConfig(model=model, dtype=dtype, device=device, num_kv_blocks=num_kv_blocks,
                                max_num_seqs=max_num_seqs, threads=threads,
                                attention_backend=attention_backend, enforce_eager=enforce_eager,
-                               max_num_batched_tokens=max_num_batched_tokens)
+                               max_num_batched_tokens=max_num_batched_tokens,
+                               cuda_graph_max_batch=cuda_graph_max_batch,
+                               cuda_graph_max_tokens=cuda_graph_max_tokens)
             kw = {"worker_id": worker_id} if worker_id else {}
             cfg = WorkerConfig(role=role, gateway_addr=gateway_addr, kvstore_addr=kvstore_addr or None,
                                engine=eng, heartbeat_s=heartbeat_s, curve_dir=curve_dir, **kw)

@@ -2,7 +2,7 @@
 cache, returns logits for the sequences that need their next token.
 
 ModelRunner runs eagerly with either attention backend ('torch' on CPU, 'triton' on
-CUDA); CudaGraphRunner (cuda_graphs.py) adds decode CUDA graphs on top. `build_runner`
+CUDA); CudaGraphRunner (cuda_graphs.py) adds decode and prefill CUDA graphs on top. `build_runner`
 picks one from the engine config.
 """
 from __future__ import annotations
@@ -107,5 +107,8 @@ def build_runner(model: LlamaForCausalLM, kv_cache, config: EngineConfig,
         from shared.engine.cuda_graphs import CudaGraphRunner
         return CudaGraphRunner(model, kv_cache, config.device,
                                max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
-                               max_model_len=max_model_len)
+                               max_model_len=max_model_len,
+                               max_tokens=min(config.cuda_graph_max_tokens,
+                                              config.max_num_batched_tokens),
+                               max_seqs=config.max_num_seqs)
     return ModelRunner(model, kv_cache, config.device, backend)

@@ -17,8 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels._dispatch import interpret_mode
 from shared.config import EngineConfig
-from shared.engine.cuda_graphs import (CudaGraphRunner, DecodeBuffers, fill_decode_inputs,
-                                       graph_buckets, pick_bucket)
+from shared.engine.cuda_graphs import (CudaGraphRunner, DecodeBuffers, PrefillBuffers,
+                                       fill_decode_inputs, fill_prefill_inputs, graph_buckets,
+                                       pick_bucket, token_buckets)
 from shared.engine.engine import LLMEngine
 from shared.engine.kv_cache import StoreKVCache
 from shared.engine.model_runner import ModelRunner, StepInputs
@@ -140,22 +141,36 @@ def test_triton_backend_attends_over_the_store_layout(tiny, torch_tokens):
 
 
 @needs_interpreter
-def test_graph_runner_static_path_matches_torch(tiny, torch_tokens):
-    """The graph runner's padded static-buffer path (what a replay computes), run eagerly:
-    buckets of 1, 2, 4 with padded slots, and an eager fallback above 4 sequences."""
+@pytest.mark.parametrize("max_tokens", [16, 12, 0], ids=["prefill16", "prefill12", "no-prefill"])
+def test_graph_runner_static_path_matches_torch(tiny, torch_tokens, max_tokens):
+    """The graph runner's padded static-buffer paths (what a replay computes), run eagerly:
+    decode buckets of 1, 2, 4 with padded slots and an eager fallback above 4 sequences;
+    prefill/mixed steps padded to the token bucket, or eager when they exceed it."""
     eng = make_engine(tiny, "triton")
     eng.runner = runner = CudaGraphRunner(tiny, eng.kv_cache, "cpu", max_batch=4,
-                                          max_model_len=eng.max_model_len)
-    buckets_run = []
-    forward = runner._decode_forward
-    runner._decode_forward = lambda bs: (buckets_run.append(bs), forward(bs))
-    steps = record_steps(runner)
+                                          max_model_len=eng.max_model_len, max_tokens=max_tokens,
+                                          max_seqs=8)
+    decode_run, prefill_run = [], []
+    forward, pforward = runner._decode_forward, runner._prefill_forward
+    runner._decode_forward = lambda bs: (decode_run.append(bs), forward(bs))
+    runner._prefill_forward = lambda t: (prefill_run.append(t), pforward(t))
+    steps, sizes = record_steps(runner), []
+    execute = runner.execute
+    runner.execute = lambda step: (sizes.append((step.decode_only, len(step.token_ids))), execute(step))[1]
     tokens, _ = run_scenario(eng)
     assert tokens == torch_tokens[0]
     decode_sizes = {n for decode_only, n in steps if decode_only}
     assert {1, 3, 5} <= decode_sizes, str(steps)        # 3 pads to 4; 5 runs eagerly
-    assert set(buckets_run) == {1, 2, 4}, buckets_run
-    assert runner.num_replays == 0 and not runner.graphs
+    assert set(decode_run) == {1, 2, 4}, decode_run
+    prefill_tokens = [n for decode_only, n in sizes if not decode_only]
+    # every prefill/mixed step within the bucket ran the padded path (the 16-token budget
+    # packs most steps full, the tail of a prompt less); larger ones ran eagerly
+    assert prefill_run == [max_tokens] * sum(n <= max_tokens for n in prefill_tokens), (prefill_run, sizes)
+    if max_tokens == 16:
+        assert len(prefill_run) == len(prefill_tokens) and min(prefill_tokens) < 16, sizes
+    if max_tokens == 12:
+        assert 0 < len(prefill_run) < len(prefill_tokens), sizes
+    assert runner.num_replays == runner.num_prefill_replays == 0 and not runner.graphs
 
 
 class _Launches:
@@ -214,6 +229,38 @@ def test_captured_decode_step_is_graph_safe(tiny, monkeypatch):
     assert grids[0]["write"] == [(4,)] * layers
 
 
+@needs_interpreter
+def test_captured_prefill_step_is_graph_safe(tiny, monkeypatch):
+    """The same for a prefill bucket: grids follow from the bucket (tokens, sequence
+    slots) alone, whatever the query ranges and context lengths inside it."""
+    import kernels.attention_prefill as pre
+    import kernels.kv_write as kvw
+    launches = {"prefill": _Launches(), "write": _Launches()}
+    monkeypatch.setattr(pre, "_prefill_kernel", launches["prefill"])
+    monkeypatch.setattr(kvw, "_write_kv_kernel", launches["write"])
+    eng = make_engine(tiny, "triton")
+    runner = CudaGraphRunner(tiny, eng.kv_cache, "cpu", max_batch=2, max_model_len=eng.max_model_len,
+                             max_tokens=32, max_seqs=8)
+    grids = []
+    for q_lens, ctx in (([16], [16]), ([3, 1, 9], [40, 17, 9])):
+        step = StepInputs(token_ids=[5] * sum(q_lens), positions=[0] * sum(q_lens), q_lens=q_lens,
+                          ctx_lens=ctx, block_tables=[list(range(8))] * len(q_lens),
+                          last_rows=[], samplers=[])
+        with torch.inference_mode():
+            fill_prefill_inputs(runner.prefill_static, step, 16, 8, BLOCK)
+            for g in launches.values():
+                g.grids.clear()
+            with _HostSyncs() as mode:
+                runner._prefill_forward(16)
+        assert mode.syncs == []
+        grids.append({k: list(g.grids) for k, g in launches.items()})
+    assert grids[0] == grids[1]
+    layers, hq = tiny.config.num_layers, tiny.config.num_heads
+    # (query tiles over the 16-token bucket, min(8 sequences, 16 tokens) slots, heads)
+    assert grids[0]["prefill"] == [(1, 8, hq)] * layers
+    assert grids[0]["write"] == [(16,)] * layers
+
+
 # -- CPU: the graph runner's pure parts ---------------------------------------------
 def test_graph_buckets():
     assert graph_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
@@ -223,6 +270,14 @@ def test_graph_buckets():
     assert graph_buckets(1) == [1]
     with pytest.raises(ValueError, match="max_batch=0"):
         graph_buckets(0)
+
+
+def test_token_buckets():
+    assert token_buckets(512) == [16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    assert token_buckets(100) == [16, 32, 48, 64, 96, 100]
+    assert token_buckets(16) == [16] and token_buckets(10) == [10]
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        token_buckets(0)
 
 
 def test_pick_bucket():
@@ -246,6 +301,27 @@ def test_fill_decode_inputs_pads_the_bucket():
     assert buf.block_tables[:3].tolist() == [[7, 3, 99, 99], [2, 5, 6, 99], [4, 99, 99, 99]]
 
 
+def test_fill_prefill_inputs_pads_tokens_and_sequences():
+    buf = PrefillBuffers.allocate(16, seqs=6, width=4, device="cpu")
+    buf.block_tables.fill_(99)
+    buf.input_ids.fill_(77)
+    # a 5-token chunk after 3 cached tokens, a decode token, a fresh 2-token prompt
+    step = StepInputs(token_ids=[1, 2, 3, 4, 5, 6, 7, 8], positions=[3, 4, 5, 6, 7, 9, 0, 1],
+                      q_lens=[5, 1, 2], ctx_lens=[8, 10, 2], block_tables=[[7, 3], [2, 5, 6], [4]],
+                      last_rows=[5, 7], samplers=[])
+    fill_prefill_inputs(buf, step, tokens=12, seqs=5, block_size=4)
+    assert buf.input_ids[:13].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 77]
+    assert buf.positions[:12].tolist() == [3, 4, 5, 6, 7, 9, 0, 1, 0, 0, 0, 0]
+    assert buf.slot_mapping[:12].tolist() == [7 * 4 + 3, 3 * 4, 3 * 4 + 1, 3 * 4 + 2, 3 * 4 + 3,
+                                              6 * 4 + 1, 4 * 4, 4 * 4 + 1, -1, -1, -1, -1]
+    # padded sequences own an empty query range at the end and no context
+    assert buf.cu_seqlens.tolist() == [0, 5, 6, 8, 8, 8, 0]
+    assert buf.context_lens[:5].tolist() == [8, 10, 2, 0, 0]
+    assert buf.block_tables[:3].tolist() == [[7, 3, 99, 99], [2, 5, 6, 99], [4, 99, 99, 99]]
+    assert buf.sizes(12, 5) == {"input_ids": 12, "positions": 12, "slot_mapping": 12,
+                                "cu_seqlens": 6, "context_lens": 5, "block_tables": 5}
+
+
 def test_table_array_cuts_and_pads_rows():
     t = table_array([[5, 6, 7, 8], [9]], ctx_lens=[17, 3], block_size=8)
     assert t.dtype == np.int32 and t.tolist() == [[5, 6, 7], [9, 0, 0]]
@@ -263,6 +339,8 @@ def test_config_selects_the_backend():
         EngineConfig(attention_backend="flash")
     with pytest.raises(ValueError, match="cuda_graph_max_batch=0"):
         EngineConfig(cuda_graph_max_batch=0)
+    with pytest.raises(ValueError, match="cuda_graph_max_tokens=-1"):
+        EngineConfig(cuda_graph_max_tokens=-1)
 
 
 # -- GPU -----------------------------------------------------------------------------
@@ -293,9 +371,11 @@ def test_cuda_engine_matches_cpu_tokens(enforce_eager, max_batch):
         assert type(eng.runner) is ModelRunner and eng.runner.attention_backend == "triton"
     else:
         assert isinstance(eng.runner, CudaGraphRunner)
-        assert eng.runner.num_replays > 0
+        assert eng.runner.num_replays > 0 and eng.runner.num_prefill_replays > 0
         # capped at max_num_seqs (8): no graph is captured for batches that cannot occur
         assert sorted(eng.runner.graphs) == graph_buckets(min(max_batch, 8))
+        # and at max_num_batched_tokens (16) for prefill steps
+        assert sorted(eng.runner.prefill_graphs) == [16]
 
 
 def _has_smollm2() -> bool:
