@@ -4,6 +4,9 @@
 #
 #   OUT=results PYTHON=python3 tools/gpu_check.sh       (logs and JSON land in $OUT)
 #
+# On the device machine (see README "GPU"): run tools/gpu_wheels.sh here first, then
+#   run(carry=[".whl"], command="OUT=$OUT GPU_CHECK_PACK=1 bash tools/gpu_check.sh")
+#
 # To add a step, append one line to the STEPS section:  step <name> <limit_s> <command...>
 # A step may write <name>_table.txt into $OUT_DIR; the summary prints those tables too.
 # The summary, with the card's name and the date, is appended to results/gpu_check.md.
@@ -20,6 +23,12 @@ export TRITON_INTERPRET=0  # the test modules default it to 1; here we test the 
 export DUET_REQUIRE_GPU=1  # gpu-marked tests fail, rather than skip, if CUDA is unusable
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# wheels the machine lacks (msgspec, pyzmq), fetched here by tools/gpu_wheels.sh and carried
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" \
+        || echo "gpu_check: installing .whl/ failed; steps needing msgspec/pyzmq will fail"
+fi
 
 START=$(date +%s)
 NAMES=(); RESULTS=(); SECS=()

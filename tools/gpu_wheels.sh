@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Fetch, here, the wheels the GPU machine lacks (its python3 is CPython 3.12 with torch,
+# triton and cupy, but no msgspec or pyzmq) into .whl/, which git ignores locally and the
+# device call carries:   tools/gpu_wheels.sh   then   run(carry=[".whl"], ...)
+# tools/gpu_check.sh installs whatever .whl/ holds into /tmp/site before its steps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+PY="${PYTHON:-python3}"
+mkdir -p .whl
+for pkg in msgspec==0.22.0 pyzmq==27.3.0; do  # the versions CI tests with
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_26_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux1_x86_64 -d .whl "$pkg"
+done
+ls -l .whl
