@@ -6,6 +6,11 @@ Hq/Hkv query heads that share them, writing a normalised partial output plus its
 log-sum-exp. Stage 2 (`_decode_reduce_kernel`) merges the splits. The split count
 depends only on tensor shapes, never on context_lens values, so the launch is safe to
 capture in a CUDA graph.
+
+Splits take the context's BLOCK_N-token tiles interleaved (split s: tiles s, s + S,
+s + 2S, ...), not as contiguous ranges. A graph sizes the split count for the longest
+allowed context (the block table's width), so with contiguous ranges a short context
+would land in the first one or two splits; interleaved, it spreads over min(S, tiles).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ _MAX_SPLITS = 32
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, o_part_ptr, lse_ptr,
-    scale_log2, partition_size,
+    scale_log2, num_splits,
     stride_qb, stride_qh,
     stride_kn, stride_kb, stride_kh,
     stride_vn, stride_vb, stride_vh,
@@ -38,8 +43,6 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
-    start = split * partition_size
-    end = tl.minimum(start + partition_size, ctx)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D_PAD)
@@ -52,10 +55,10 @@ def _decode_split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-    # Empty splits (start >= end, incl. context_lens == 0) skip the loop and store lse=-inf.
-    for t0 in range(start, end, BLOCK_N):
+    # Splits with no tile (incl. context_lens == 0) skip the loop and store lse=-inf.
+    for t0 in range(split * BLOCK_N, ctx, num_splits * BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
-        t_mask = t < end
+        t_mask = t < ctx
         # int64 so page * stride cannot overflow on large caches
         page = tl.load(bt_ptr + b * stride_btb + t // PAGE, mask=t_mask, other=0).to(tl.int64)
         off = t % PAGE
@@ -120,16 +123,16 @@ def _check(q, k_cache, v_cache, block_tables, context_lens):
                          f"must have batch {B}")
 
 
-def _choose_partition(max_ctx: int, batch_heads: int, block_n: int, device: torch.device) -> int:
-    """Tokens per split. Shapes only (graph-safe): ~8 programs per SM so enough loads are in
-    flight to saturate memory, at most _MAX_SPLITS splits."""
-    splits = min(_MAX_SPLITS, max(1, math.ceil(8 * num_sms(device) / max(batch_heads, 1))))
-    part = math.ceil(max(max_ctx, 1) / splits)
-    return math.ceil(part / block_n) * block_n
+def _choose_splits(max_ctx: int, batch_heads: int, block_n: int, device: torch.device) -> int:
+    """Splits per (sequence, kv head). Shapes only (graph-safe): ~8 programs per SM so
+    enough loads are in flight to saturate memory, at most _MAX_SPLITS, and no more than
+    the longest context has tiles."""
+    want = math.ceil(8 * num_sms(device) / max(batch_heads, 1))
+    return max(1, min(_MAX_SPLITS, want, math.ceil(max(max_ctx, 1) / block_n)))
 
 
 def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out=None,
-                                  partition_size=None, block_n=None, num_warps=4, num_stages=2):
+                                  num_splits=None, block_n=None, num_warps=4, num_stages=2):
     """Triton path of `paged_decode_attention`; tuning knobs are for tests and benchmarks."""
     require_triton()
     _check(q, k_cache, v_cache, block_tables, context_lens)
@@ -139,9 +142,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_len
         raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
     block_n = block_n or (64 if D <= 128 else 32)
     max_ctx = block_tables.shape[1] * page
-    if partition_size is None:
-        partition_size = _choose_partition(max_ctx, B * Hkv, block_n, q.device)
-    splits = max(1, math.ceil(max_ctx / partition_size))
+    splits = num_splits or _choose_splits(max_ctx, B * Hkv, block_n, q.device)
     if out is None:
         out = torch.empty_like(q)
     if B == 0:
@@ -152,7 +153,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_len
     d_pad = next_pow2(D, 16)  # tl.dot wants every dim >= 16
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, o_part, lse,
-        scale * _LOG2E, partition_size,
+        scale * _LOG2E, splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -25,8 +25,9 @@ def _copy_blocks_kernel(
     PAGE: tl.constexpr, ROWS: tl.constexpr,
 ):
     i = tl.program_id(0)
-    layer = tl.program_id(1) // 2
-    kv = tl.program_id(1) % 2
+    # int64: layer * s_lay passes 2**31 elements on a large decode cache (e.g. 8B-shaped, >= 2k blocks)
+    layer = (tl.program_id(1) // 2).to(tl.int64)
+    kv = (tl.program_id(1) % 2).to(tl.int64)
     sb = tl.load(src_ids_ptr + i).to(tl.int64)
     db = tl.load(dst_ids_ptr + i).to(tl.int64)
     src = src_ptr + sb * s_blk + (layer + src_layer0) * s_lay + kv * s_kv + src_head0 * s_head

@@ -63,7 +63,9 @@ bench_budget() {  # seconds left for the kernel sweep, keeping 40 s for its base
 # ---- STEPS ---------------------------------------------------------------------------
 step gpu_info 30 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; \
     '$PY' -c 'import torch, triton, pytest; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"pytest\", pytest.__version__, torch.cuda.get_device_name())'"
-step kernel_tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs tests/unit/kernels \
+# Triton compiles every kernel variant on a fresh machine: spread the tests over 4 processes
+XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 4")
+step kernel_tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs $XDIST tests/unit/kernels \
     --junitxml="$OUT_DIR/kernel_tests.xml"
 # engine on CUDA vs CPU tokens, graph replay vs eager (tiny model; SmolLM2 only where its package is)
 step engine_tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs \

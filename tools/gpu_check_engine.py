@@ -66,7 +66,7 @@ PREFILL_STEPS = ((1, 32, 480), (4, 64, 0))  # (sequences, new tokens each, cache
 PREFILL_MAX_TOKENS = 256
 # hand-off: 256 blocks of a Llama-8B-like layout (32 layers, 8 kv heads, D 128), bf16: 512 MiB
 HANDOFF_SHAPE = dict(N=256, L=32, bs=16, H=8, D=128)
-CHILD_TIMEOUT_S = 150
+CHILD_TIMEOUT_S = 60  # inside the kv_handoff step's 90 s, so a hung reader is reported
 
 
 # -- model ---------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import (pack_kv, paged_decode_attention_ref, paged_decode_attention_triton,  # noqa: E402
                      prefill_attention_triton, unpack_kv)
-from kernels.attention_decode import _choose_partition  # noqa: E402
+from kernels.attention_decode import _choose_splits  # noqa: E402
 
 DECODE_SHAPES = [("smollm2", 9, 3, 64), ("llama8b", 32, 8, 128)]
 BATCH, CONTEXT, PAGE = 64, 4096, 16
@@ -89,10 +88,10 @@ def decode_configs(Hkv: int) -> list[dict]:
         for warps in (4, 8):
             if (bn, warps) != (64, 4):
                 cfgs.append({"block_n": bn, "num_warps": warps})
-    part = _choose_partition(CONTEXT, BATCH * Hkv, 64, torch.device(DEVICE))
-    for p in (part // 2, part * 2):
-        if 64 <= p <= CONTEXT:
-            cfgs.append({"partition_size": math.ceil(p / 64) * 64})
+    splits = _choose_splits(CONTEXT, BATCH * Hkv, 64, torch.device(DEVICE))
+    for n in (splits // 2, splits * 2):
+        if 1 <= n <= CONTEXT // 64 and n != splits:
+            cfgs.append({"num_splits": n})
     cfgs.append({"num_stages": 3})
     return cfgs
 

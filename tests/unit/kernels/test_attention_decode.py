@@ -43,11 +43,12 @@ def test_triton_matches_ref(device, dtype, Hq, Hkv):
     q = torch.randn(len(ctx), Hq, D, dtype=dtype, device=device)
     lens = torch.tensor(ctx, dtype=torch.int32, device=device)
     want = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, D ** -0.5)
-    # default split choice, then forced small partitions so several splits get merged
-    for partition, block_n in [(None, None), (16, 16)]:
+    # default split choice, then forced splits over 16-token tiles: one split looping over
+    # every tile, 3 splits (some empty), more splits than the longest context has tiles
+    for splits, block_n in [(None, None), (1, 16), (3, 16), (64, 16)]:
         out = poisoned(q.shape, dtype, device)
         got = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, D ** -0.5, out=out,
-                                            partition_size=partition, block_n=block_n)
+                                            num_splits=splits, block_n=block_n)
         assert got is out
         torch.testing.assert_close(got, want, **ATTN_TOL[dtype])
     assert torch.equal(got[2], torch.zeros_like(got[2]))  # padded slot
