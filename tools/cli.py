@@ -135,6 +135,8 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--decode", default=1, show_default=True, type=int, help="decode workers")
 @click.option("--colocated", is_flag=True, help="one worker doing prefill and decode (baseline)")
 @click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--admin-port", default=8001, show_default=True, type=int,
+              help="admin console port (0: no console)")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @_dtype
 @click.option("--kv-blocks", default=2048, show_default=True, type=int, help="KV-store pool blocks")
@@ -142,13 +144,14 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--api-keys", default=None, help="comma-separated API keys for the HTTP API")
 @click.option("--log-dir", default=None, help="write each service's log here")
 @click.option("--log-level", default="WARNING", show_default=True)
-def up(model_name, prefill, decode, colocated, port, host, dtype, kv_blocks, curve_dir,
-       api_keys, log_dir, log_level):
+def up(model_name, prefill, decode, colocated, port, admin_port, host, dtype, kv_blocks,
+       curve_dir, api_keys, log_dir, log_level):
     """Start tokenizer, kvstore, workers and gateway as separate processes."""
     from tools.up import Mesh, run_up
     try:
         mesh = Mesh(model=model_name, prefill=prefill, decode=decode, colocated=colocated,
-                    port=port, host=host, dtype=dtype, kv_blocks=kv_blocks, curve_dir=curve_dir,
+                    port=port, admin_port=admin_port, host=host, dtype=dtype,
+                    kv_blocks=kv_blocks, curve_dir=curve_dir,
                     api_keys=api_keys, log_dir=log_dir, log_level=log_level)
     except ValueError as e:
         raise click.UsageError(str(e))
@@ -156,6 +159,7 @@ def up(model_name, prefill, decode, colocated, port, host, dtype, kv_blocks, cur
 
 
 _SERVICES = {"gateway": "services.gateway", "tokenizer": "services.tokenizer",
+             "admin": "services.admin",
              "kvstore": "services.kvstore", "prefill": "services.prefill",
              "decode": "services.decode", "worker": "services.worker"}
 
@@ -195,6 +199,19 @@ def worker_role(worker_id, role, url):
     if r.status_code != 200:
         raise click.ClickException(r.json()["error"]["message"])
     click.echo(f"{worker_id} -> {role}")
+
+
+@worker.command("drain")
+@click.argument("worker_id")
+@click.option("--off", is_flag=True, help="resume: route new requests to it again")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True)
+def worker_drain(worker_id, off, url):
+    """Route no new requests to WORKER_ID (the ones it holds finish); --off undoes it."""
+    import requests
+    r = requests.post(f"{url}/admin/workers/{worker_id}/drain", json={"enable": not off}, timeout=10)
+    if r.status_code != 200:
+        raise click.ClickException(r.json()["error"]["message"])
+    click.echo(f"{worker_id} {'serving' if off else 'draining'}")
 
 
 @main.group()

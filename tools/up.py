@@ -24,6 +24,7 @@ class Mesh:
     decode: int = 1
     colocated: bool = False
     port: int = 8000
+    admin_port: int = 8001               # the admin console; 0: none
     host: str = "127.0.0.1"
     dtype: str = "auto"
     kv_blocks: int = 2048
@@ -46,6 +47,9 @@ class Mesh:
                              "(or use --colocated)")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port {self.port} must be in [1, 65535]")
+        if not 0 <= self.admin_port <= 65535 or self.admin_port == self.port:
+            raise ValueError(f"--admin-port {self.admin_port} must be in [0, 65535] (0: no "
+                             f"console) and differ from --port {self.port}")
         self.run_dir = tempfile.mkdtemp(prefix="duet-run-")
         self.addr = {name: f"ipc://{self.run_dir}/{name}.sock"
                      for name in ("gateway", "kvstore", "tokenizer")}
@@ -53,6 +57,10 @@ class Mesh:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str | None:
+        return f"http://{self.host}:{self.admin_port}" if self.admin_port else None
 
     def _spawn(self, name: str, module: str, *args: str) -> None:
         cmd = [sys.executable, "-m", module, *args, "--log-level", self.log_level]
@@ -85,6 +93,12 @@ class Mesh:
         if self.api_keys:
             gw += ["--api-keys", self.api_keys]
         self._spawn("gateway", "services.gateway", *gw)
+        if self.admin_port:
+            key = ["--api-key", self.api_keys.split(",")[0].strip()] if self.api_keys else []
+            self._spawn("admin", "services.admin", "--gateway-url", self.url,
+                        "--kvstore-addr", self.addr["kvstore"], "--tokenizer-addr",
+                        self.addr["tokenizer"], "--host", self.host, "--port", str(self.admin_port),
+                        *key, *curve)
         common = ["--model", model_dir, "--dtype", dtype, "--gateway-addr", self.addr["gateway"],
                   "--kvstore-addr", self.addr["kvstore"], "--threads", threads,
                   "--num-kv-blocks", str(self.worker_blocks), "--heartbeat", str(self.heartbeat_s), *curve]
@@ -147,6 +161,7 @@ def run_up(mesh: Mesh) -> int:
         print(f"Duet is up ({mode}, model {mesh.model}, {len(body['workers'])} workers)\n"
               f"  OpenAI API:  {mesh.url}/v1  (chat: {mesh.url}/v1/chat/completions)\n"
               f"  health:      {mesh.url}/health\n  metrics:     {mesh.url}/metrics\n"
+              + (f"  admin:       {mesh.admin_url}\n" if mesh.admin_url else "") +
               f"Press Ctrl-C to stop.", flush=True)
         while True:
             mesh.check_children()

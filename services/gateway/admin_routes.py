@@ -1,4 +1,5 @@
-"""Operator endpoints on the gateway: list workers, flip a worker's role at run time."""
+"""Operator endpoints on the gateway: list workers, flip a worker's role at run time,
+drain a worker (no new requests; the ones it holds finish) and undrain it."""
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
@@ -22,16 +23,26 @@ def admin_blueprint(backend, api_keys: set[str] | None = None) -> Blueprint:
     def workers():
         return jsonify(backend.health())
 
-    @bp.post("/admin/workers/<worker_id>/role")
-    def set_role(worker_id):
-        body = request.get_json(silent=True) or {}
-        role = body.get("role")
+    def act(method: str, worker_id: str, value, reply: dict):
+        """backend.<method>(worker_id, value): 400 for a bad value, 404 for an unknown worker."""
+        if not hasattr(backend, method):
+            return error(400, "this gateway runs the model in-process: it has no workers")
         try:
-            backend.set_role(worker_id, role)
+            getattr(backend, method)(worker_id, value)
         except ValueError as e:
             return error(400, str(e))
         except KeyError as e:
             return error(404, str(e.args[0]))
-        return jsonify({"worker_id": worker_id, "role": role})
+        return jsonify({"worker_id": worker_id, **reply})
+
+    @bp.post("/admin/workers/<worker_id>/role")
+    def set_role(worker_id):
+        role = (request.get_json(silent=True) or {}).get("role")
+        return act("set_role", worker_id, role, {"role": role})
+
+    @bp.post("/admin/workers/<worker_id>/drain")
+    def set_drain(worker_id):
+        enable = (request.get_json(silent=True) or {}).get("enable", True)
+        return act("set_drain", worker_id, enable, {"draining": enable})
 
     return bp

@@ -142,6 +142,15 @@ class MeshBackend:
             raise KeyError(f"no worker {worker_id!r}")
         self._submit(("role", worker_id, role))
 
+    def set_drain(self, worker_id: str, enable: bool) -> None:
+        """Stop (enable) or resume routing new requests to a worker; the ones it holds
+        finish. The worker is told too, and reports it in its status."""
+        if not isinstance(enable, bool):
+            raise ValueError(f"enable={enable!r} must be true or false")
+        if not any(w.worker_id == worker_id for w in self.router.workers.values()):
+            raise KeyError(f"no worker {worker_id!r}")
+        self._submit(("drain", worker_id, enable))
+
     def health(self) -> dict:
         workers = [w.as_dict() for w in list(self.router.workers.values())]
         roles = {w["role"] for w in workers}
@@ -227,6 +236,11 @@ class MeshBackend:
                 if w.worker_id == cmd[1]:
                     send_msg(self.sock, P.SetRole(role=cmd[2]), w.identity)
                     w.role = cmd[2]
+        elif kind == "drain":
+            for w in self.router.workers.values():
+                if w.worker_id == cmd[1]:
+                    send_msg(self.sock, P.Drain(enable=cmd[2]), w.identity)
+                    w.draining = cmd[2]
 
     def _dispatch(self, f: Flight) -> None:
         r = f.req

@@ -56,6 +56,7 @@ class Worker:
     def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None):
         self.cfg = config
         self.role = config.role
+        self.draining = False   # the gateway routes nothing new here; it tells us for status
         self.decode = engine or LLMEngine.from_config(config.engine)
         self.ctx = make_context()
         self.curve = CurveConfig.from_dir(config.curve_dir, "client") if config.curve_dir else None
@@ -184,6 +185,9 @@ class Worker:
                 raise ValueError("role prefill needs a KV-store; this worker has none")
             self.role = msg.role
             self._heartbeat(force=True)  # announce the new role now
+        elif isinstance(msg, P.Drain):
+            log.info("draining %s", "on: no new requests" if msg.enable else "off")
+            self.draining = msg.enable
         elif isinstance(msg, P.StatusRequest):
             self._send(P.StatusReply(service="worker", data=self.status()))
         elif isinstance(msg, (P.Ping, P.Ack)):
@@ -322,7 +326,7 @@ class Worker:
     def status(self) -> dict:
         d = {"worker_id": self.cfg.worker_id, "role": self.role,
              "decode": self.decode.idle_counts(), "prefill_jobs": len(self.prefill_jobs),
-             "decode_jobs": len(self.decode_jobs)}
+             "decode_jobs": len(self.decode_jobs), "draining": self.draining}
         return d
 
     def close(self) -> None:

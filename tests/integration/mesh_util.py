@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import socket
 import urllib.request
 
@@ -19,6 +20,7 @@ def start_mesh(model_dir, log_dir, **kw) -> Mesh:
     kw.setdefault("kv_blocks", 512)
     kw.setdefault("worker_blocks", 512)
     kw.setdefault("heartbeat_s", 0.5)
+    kw.setdefault("admin_port", free_port())
     mesh = Mesh(model=str(model_dir), port=free_port(), log_dir=str(log_dir), **kw)
     try:
         mesh.start()
@@ -43,3 +45,18 @@ def kv_stats(mesh: Mesh) -> dict:
             return kv.status()
     finally:
         close_context(ctx)
+
+
+def wait_idle(mesh, timeout=20):
+    """Every pool back to idle: no live leases in the store, no running work anywhere."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = kv_stats(mesh)
+        health = get_json(mesh.url + "/health")
+        busy = [w for w in health["workers"] if w["running"] or w["waiting"] or w["inflight"]]
+        full = all(w["free_blocks"] == w["total_blocks"] for w in health["workers"])
+        if not st["ledger"] and not busy and full and not health["inflight"]:
+            return st, health
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not idle: ledger={st['ledger']} workers={health['workers']}")
+        time.sleep(0.2)

@@ -13,17 +13,10 @@ import requests
 import zmq
 
 from shared.engine.sampling_params import SamplingParams
-from tests.integration.mesh_util import get_json, kv_stats, start_mesh
+from tests.integration.mesh_util import get_json, kv_stats, start_mesh, wait_idle
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The three laws of robotics are"
-
-
-@pytest.fixture(scope="module")
-def disagg(smollm2_dir, tmp_path_factory):
-    mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("disagg-logs"), prefill=1, decode=1)
-    yield mesh
-    mesh.stop()
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +33,6 @@ def client(mesh):
 def engine_text(engine, ids, max_tokens):
     out = engine.generate([ids], SamplingParams(temperature=0, max_tokens=max_tokens))[0][0]
     return engine.tokenizer.decode(out), out
-
-
-def wait_idle(mesh, timeout=20):
-    """Every pool back to idle: no live leases in the store, no running work anywhere."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = kv_stats(mesh)
-        health = get_json(mesh.url + "/health")
-        busy = [w for w in health["workers"] if w["running"] or w["waiting"] or w["inflight"]]
-        full = all(w["free_blocks"] == w["total_blocks"] for w in health["workers"])
-        if not st["ledger"] and not busy and full and not health["inflight"]:
-            return st, health
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not idle: ledger={st['ledger']} workers={health['workers']}")
-        time.sleep(0.2)
 
 
 def test_greedy_through_mesh_equals_engine_and_colocated(disagg, coloc, smollm2_engine):

@@ -1,0 +1,46 @@
+"""python -m services.admin: the Flask admin console (served by waitress)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+
+
+@click.command(help="Run the Duet admin console: workers, KV pool and lease ledger, TTFT "
+                    "by stage, goodput; flip roles and drain workers.")
+@click.option("--gateway-url", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--kvstore-addr", default="ipc:///tmp/duet/kvstore.sock", show_default=True,
+              help="'' to leave the KV-store out")
+@click.option("--tokenizer-addr", default="ipc:///tmp/duet/tokenizer.sock", show_default=True,
+              help="'' to leave the tokenizer out")
+@click.option("--curve-dir", default=None, help="the mesh's CURVE keys (duet keys generate)")
+@click.option("--api-key", default=None, envvar="DUET_API_KEY",
+              help="a gateway API key, when the gateway requires one [env DUET_API_KEY]")
+@click.option("--token", default=None, envvar="DUET_ADMIN_TOKEN",
+              help="require this bearer token for the console's API [env DUET_ADMIN_TOKEN]")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--log-level", default="INFO", show_default=True)
+def main(gateway_url, kvstore_addr, tokenizer_addr, curve_dir, api_key, token, host, port, log_level):
+    logging.basicConfig(level=log_level, format="%(asctime)s admin[%(process)d] %(levelname)s %(message)s")
+    from services.admin.app import create_app
+    from services.admin.sources import Sources
+    from services.gateway.server import serve
+    try:
+        sources = Sources(gateway_url, kvstore_addr or None, tokenizer_addr or None,
+                          curve_dir=curve_dir, api_key=api_key)
+    except ValueError as e:
+        raise click.BadParameter(str(e))
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        logging.warning("the console listens on %s without --token: anyone who can reach it "
+                        "can flip roles and drain workers", host)
+    logging.info("admin console on http://%s:%d (pid %d)", host, port, os.getpid())
+    try:
+        serve(create_app(sources, token=token), host, port, threads=8)
+    finally:
+        sources.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""What the admin console reads: the gateway over HTTP, the KV-store and tokenizer over
+their ZeroMQ control sockets. Each source is read on its own, so one that is down shows
+as an error beside the others instead of blanking the page.
+
+Actions (role flip, drain) go through the gateway's /admin endpoints: the gateway owns
+routing, so it must know first.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+# the TTFT stages in the order a request meets them (DESIGN §3, Metrics and status)
+STAGES = ("gateway_queue", "tokenize", "prefill_queue", "prefill_compute", "kv_handoff",
+          "decode_queue")
+
+
+class ActionError(Exception):
+    """A gateway admin call failed; `status` is the HTTP status to pass on."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Sources:
+    gateway_url: str
+    kvstore_addr: str | None = None
+    tokenizer_addr: str | None = None
+    curve_dir: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 3.0
+
+    def __post_init__(self):
+        if not self.gateway_url.startswith(("http://", "https://")):
+            raise ValueError(f"gateway_url={self.gateway_url!r} must start with http:// or https://")
+        self.gateway_url = self.gateway_url.rstrip("/")
+        self._lock = threading.Lock()   # one zmq request at a time per client
+        self._ctx = self._kv = self._tok = None
+
+    # -- gateway over HTTP -----------------------------------------------------------
+    def _http(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.gateway_url + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode())
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:   # 4xx/5xx still carry a body worth showing
+            return e.code, e.read()
+
+    def gateway_health(self) -> dict:
+        status, raw = self._http("GET", "/health")
+        body = json.loads(raw)
+        body["http_status"] = status   # 503 = not ready (no usable worker set), still a body
+        return body
+
+    def gateway_metrics(self) -> dict:
+        status, raw = self._http("GET", "/metrics")
+        if status != 200:
+            raise RuntimeError(f"GET /metrics answered {status}")
+        return summarize_metrics(raw.decode())
+
+    def admin(self, worker_id: str, action: str, body: dict) -> dict:
+        """POST /admin/workers/<id>/<action> on the gateway; ActionError on failure."""
+        if action not in ("role", "drain"):
+            raise ActionError(404, f"unknown action {action!r}: choose role or drain")
+        path = f"/admin/workers/{urllib.request.quote(worker_id, safe='')}/{action}"
+        try:
+            status, raw = self._http("POST", path, body)
+        except OSError as e:
+            raise ActionError(502, f"gateway {self.gateway_url} unreachable: {e}") from None
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            raise ActionError(502, f"gateway answered {status} with a non-JSON body") from None
+        if status != 200:
+            msg = reply.get("error", {}).get("message", raw.decode(errors="replace")[:200])
+            raise ActionError(status, msg)
+        return reply
+
+    # -- KV-store and tokenizer over ZeroMQ ------------------------------------------------
+    def _clients(self):
+        if self._ctx is None:
+            from shared.transport import CurveConfig, make_context
+            self._ctx = make_context()
+            self._curve = CurveConfig.from_dir(self.curve_dir, "client") if self.curve_dir else None
+        return self._ctx, self._curve
+
+    def kvstore_status(self) -> dict:
+        from services.kvstore.client import KVStoreClient
+        with self._lock:
+            ctx, curve = self._clients()
+            if self._kv is None:
+                self._kv = KVStoreClient(ctx, self.kvstore_addr, "admin-console", curve=curve,
+                                         timeout_s=self.timeout_s)
+            try:
+                data = self._kv.status()
+            except BaseException:
+                self._kv.close()   # a timed-out REQ/DEALER exchange: start clean next time
+                self._kv = None
+                raise
+        stats = data.get("stats", {})
+        looked = stats.get("lookup_tokens", 0)
+        return {"stats": stats, "idle": data.get("idle"), "dtype": data.get("dtype"),
+                "ledger": data.get("ledger", []),
+                "prefix_hit_rate": stats.get("hit_tokens", 0) / looked if looked else None,
+                "pool": {k: data.get("pool", {}).get(k)
+                         for k in ("backend", "device", "base", "nbytes", "shape")}}
+
+    def tokenizer_status(self) -> dict:
+        from services.tokenizer.client import TokenizerClient
+        with self._lock:
+            ctx, curve = self._clients()
+            if self._tok is None:
+                self._tok = TokenizerClient(ctx, self.tokenizer_addr, timeout_s=self.timeout_s,
+                                            curve=curve)
+            try:
+                return self._tok.status()
+            except BaseException:
+                self._tok.close()
+                self._tok = None
+                raise
+
+    # -- everything at once ------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Every source's view, or {"error": ...} in its place."""
+        out = {"time": time.time(), "gateway_url": self.gateway_url}
+        reads = [("gateway", self.gateway_health), ("metrics", self.gateway_metrics)]
+        if self.kvstore_addr:
+            reads.append(("kvstore", self.kvstore_status))
+        if self.tokenizer_addr:
+            reads.append(("tokenizer", self.tokenizer_status))
+        for name, read in reads:
+            try:
+                out[name] = read()
+            except Exception as e:
+                out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for c in (self._kv, self._tok):
+                if c is not None:
+                    c.close()
+            self._kv = self._tok = None
+            if self._ctx is not None:
+                from shared.transport import close_context
+                close_context(self._ctx)
+                self._ctx = None
+
+
+# -- Prometheus text -> the console's numbers ------------------------------------------------
+def _quantile(buckets: list[tuple[float, float]], count: float, q: float) -> float | None:
+    """Histogram quantile by linear interpolation inside the bucket (as PromQL's
+    histogram_quantile); None without observations. buckets: (upper bound, cumulative)."""
+    if not count:
+        return None
+    rank, prev_le, prev_c = q * count, 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le   # beyond the last finite bound: report that bound
+            return prev_le + (le - prev_le) * ((rank - prev_c) / (c - prev_c) if c > prev_c else 1.0)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def _histograms(families: dict, name: str, label: str | None) -> dict:
+    """{label value (or ''): {"count", "sum", "buckets"}} of one histogram family."""
+    out: dict[str, dict] = {}
+    fam = families.get(name)
+    if fam is None:
+        return out
+    for s in fam.samples:
+        key = s.labels.get(label, "") if label else ""
+        h = out.setdefault(key, {"count": 0.0, "sum": 0.0, "buckets": []})
+        if s.name.endswith("_bucket"):
+            h["buckets"].append((float(s.labels["le"]), s.value))
+        elif s.name.endswith("_count"):
+            h["count"] = s.value
+        elif s.name.endswith("_sum"):
+            h["sum"] = s.value
+    for h in out.values():
+        h["buckets"].sort()
+    return out
+
+
+def _latency_row(h: dict) -> dict:
+    n = h["count"]
+    return {"count": int(n), "mean_s": h["sum"] / n if n else None,
+            "p50_s": _quantile(h["buckets"], n, 0.5), "p90_s": _quantile(h["buckets"], n, 0.9)}
+
+
+def summarize_metrics(text: str) -> dict:
+    """The gateway's /metrics reduced to what the console shows: TTFT whole and per stage,
+    ITL and TPOT (count, mean, p50, p90), goodput, tokens and requests by status."""
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def total(name: str) -> float:
+        fam = families.get(name)
+        return sum(s.value for s in fam.samples if s.name.endswith("_total")) if fam else 0.0
+
+    stages = _histograms(families, "duet_ttft_stage_seconds", "stage")
+    order = [s for s in STAGES if s in stages] + sorted(set(stages) - set(STAGES))
+    finished, good = total("duet_finished_requests"), total("duet_goodput_requests")
+    requests = {}
+    fam = families.get("duet_requests")
+    for s in fam.samples if fam else []:
+        if s.name.endswith("_total"):
+            requests[f"{s.labels['endpoint']} {s.labels['status']}"] = int(s.value)
+    running = families.get("duet_running_requests")
+    return {
+        "ttft": _latency_row(_histograms(families, "duet_ttft_seconds", None).get(
+            "", {"count": 0, "sum": 0, "buckets": []})),
+        "ttft_stages": [dict(stage=s, **_latency_row(stages[s])) for s in order],
+        "itl": _latency_row(_histograms(families, "duet_inter_token_latency_seconds", None).get(
+            "", {"count": 0, "sum": 0, "buckets": []})),
+        "tpot": _latency_row(_histograms(families, "duet_tpot_seconds", None).get(
+            "", {"count": 0, "sum": 0, "buckets": []})),
+        "finished": int(finished), "goodput": int(good),
+        "goodput_ratio": good / finished if finished else None,
+        "prompt_tokens": int(total("duet_prompt_tokens")),
+        "generation_tokens": int(total("duet_generation_tokens")),
+        "running": int(running.samples[0].value) if running and running.samples else 0,
+        "requests": requests,
+    }

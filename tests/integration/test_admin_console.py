@@ -1,0 +1,184 @@
+"""The admin console (services/admin) against the real mesh, over HTTP and in a real
+headless Chromium driven by Playwright: workers, the KV pool and its lease ledger, TTFT by
+stage, role flips and drains done by clicking."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import openai
+import pytest
+import requests
+import zmq
+
+from services.kvstore.client import KVStoreClient
+from tests.integration.mesh_util import get_json, wait_idle
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+
+
+def complete(mesh, prompt="The capital of France is", max_tokens=6) -> str:
+    c = openai.OpenAI(base_url=mesh.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return c.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens,
+                                temperature=0).choices[0].text
+
+
+def workers(mesh) -> dict[str, dict]:
+    return {w["worker_id"]: w for w in get_json(mesh.url + "/health")["workers"]}
+
+
+def test_status_api_reads_every_service(disagg):
+    complete(disagg)
+    st = requests.get(disagg.admin_url + "/api/status", timeout=10).json()
+    assert {w["worker_id"]: w["role"] for w in st["gateway"]["workers"]} == {
+        "prefill-0": "prefill", "decode-0": "decode"}
+    assert st["gateway"]["mode"] == "disaggregated"
+    kv = st["kvstore"]
+    assert kv["stats"]["total_blocks"] == 512 and kv["pool"]["backend"] == "shm"
+    assert kv["pool"]["shape"][0] == 512 and kv["dtype"] == "float32"
+    assert st["tokenizer"]["vocab_size"] == 49152
+    m = st["metrics"]
+    assert m["finished"] >= 1 and m["generation_tokens"] >= 6 and m["ttft"]["count"] >= 1
+    stages = {r["stage"]: r for r in m["ttft_stages"]}
+    # the disaggregated path's stages, in the order a request meets them
+    want = ["gateway_queue", "tokenize", "prefill_queue", "prefill_compute", "kv_handoff",
+            "decode_queue"]
+    assert [s for s in want if s in stages] == want, list(stages)
+    assert all(stages[s]["count"] >= 1 and stages[s]["mean_s"] >= 0 for s in want)
+    assert stages["prefill_compute"]["p50_s"] > 0
+    wait_idle(disagg)
+
+
+def test_actions_are_validated_and_forwarded(disagg):
+    u = disagg.admin_url + "/api/workers"
+    r = requests.post(u + "/decode-0/role", data={"role": "both"})   # a form, not JSON
+    assert r.status_code == 415 and "JSON" in r.json()["error"]["message"]
+    r = requests.post(u + "/decode-0/role", json={"role": "chef"})
+    assert r.status_code == 400 and "chef" in r.json()["error"]["message"]
+    r = requests.post(u + "/nobody/role", json={"role": "decode"})
+    assert r.status_code == 404 and "nobody" in r.json()["error"]["message"]
+    r = requests.post(u + "/decode-0/drain", json={"enable": "yes"})
+    assert r.status_code == 400 and "yes" in r.json()["error"]["message"]
+    r = requests.post(u + "/decode-0/reboot", json={})
+    assert r.status_code == 404 and "reboot" in r.json()["error"]["message"]
+    # through the gateway's own admin API too
+    r = requests.post(disagg.url + "/admin/workers/nobody/drain", json={"enable": True})
+    assert r.status_code == 404
+    assert workers(disagg)["decode-0"]["role"] == "decode"
+    assert not any(w["draining"] for w in workers(disagg).values())
+
+
+def test_duet_worker_drain_command(disagg):
+    from click.testing import CliRunner
+
+    from tools.cli import main
+    run = CliRunner().invoke
+    r = run(main, ["worker", "drain", "decode-0", "--url", disagg.url])
+    assert r.exit_code == 0 and "decode-0 draining" in r.output
+    try:
+        assert workers(disagg)["decode-0"]["draining"] is True
+    finally:
+        r = run(main, ["worker", "drain", "decode-0", "--off", "--url", disagg.url])
+    assert r.exit_code == 0 and "decode-0 serving" in r.output
+    assert workers(disagg)["decode-0"]["draining"] is False
+    r = run(main, ["worker", "drain", "nobody", "--url", disagg.url])
+    assert r.exit_code != 0 and "nobody" in r.output
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("DUET_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
+        pytest.skip("no Chromium here (apt-get install -y chromium); CI installs it")
+    from playwright.sync_api import sync_playwright
+    pw = sync_playwright().start()
+    b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    yield b
+    b.close()
+    pw.stop()
+
+
+def test_console_in_a_real_browser(disagg, browser):
+    from playwright.sync_api import expect
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(disagg.admin_url)
+    row = lambda wid: page.locator(f'#workers tr[data-worker="{wid}"]')  # noqa: E731
+    cell = lambda wid, col: row(wid).locator(f'td[data-col="{col}"]')   # noqa: E731
+    expect(cell("prefill-0", "role")).to_have_text("prefill")
+    expect(cell("decode-0", "role")).to_have_text("decode")
+    expect(page.locator("#gw-state")).to_have_text("ready")
+    expect(page.locator("#gw-mode")).to_have_text("disaggregated")
+    expect(page.locator("#kv-total")).to_have_text("512")
+    expect(page.locator("#kv-idle")).to_have_text("idle")
+
+    # a live lease shows in the ledger with its blocks, and leaves it when released
+    ctx = zmq.Context()
+    try:
+        with KVStoreClient(ctx, disagg.addr["kvstore"], "console-test") as kv:
+            lease = kv.allocate("console-probe", 3)
+            try:
+                ledger_row = page.locator('#ledger tr[data-request="console-probe"]')
+                expect(ledger_row).to_have_count(1)
+                expect(ledger_row.locator("td").nth(0)).to_have_text(str(lease.lease_id))
+                expect(ledger_row.locator("td").nth(2)).to_have_text("3")
+                expect(page.locator("#kv-leased")).to_have_text("3")
+                expect(page.locator("#kv-idle")).to_have_text("busy")
+            finally:
+                kv.release("console-probe", lease.lease_id)
+            expect(ledger_row).to_have_count(0)
+            expect(page.locator("#ledger-empty")).to_be_visible()
+            expect(page.locator("#kv-leased")).to_have_text("0")
+    finally:
+        ctx.destroy(linger=0)
+
+    try:
+        # flip decode-0 to 'both', then drain prefill-0: requests are served colocated
+        row("decode-0").locator("select.role-select").select_option("both")
+        row("decode-0").locator("button.apply-role").click()
+        expect(cell("decode-0", "role")).to_have_text("both")
+        assert workers(disagg)["decode-0"]["role"] == "both"
+        row("prefill-0").locator("button.drain-toggle").click()
+        expect(cell("prefill-0", "state")).to_have_text("draining")
+        expect(row("prefill-0").locator("button.drain-toggle")).to_have_text("resume")
+        assert workers(disagg)["prefill-0"]["draining"] is True
+        expect(page.locator("#gw-mode")).to_have_text("colocated")
+        assert complete(disagg, "Paris is the capital of")
+        # the drained prefill worker took nothing new
+        assert workers(disagg)["prefill-0"]["inflight"] == 0
+
+        # the TTFT table has the stages of the requests served so far
+        expect(page.locator('#ttft tr[data-stage="prefill_compute"]')).to_have_count(1)
+        expect(page.locator('#ttft tr[data-stage="total"] td').nth(1)).not_to_have_text("0")
+        expect(page.locator("#m-finished")).not_to_have_text("0")
+    finally:
+        # put the mesh back, by clicking
+        row("prefill-0").locator("button.drain-toggle").click()
+        expect(cell("prefill-0", "state")).to_have_text("serving")
+        row("decode-0").locator("select.role-select").select_option("decode")
+        row("decode-0").locator("button.apply-role").click()
+        expect(cell("decode-0", "role")).to_have_text("decode")
+    expect(page.locator("#gw-mode")).to_have_text("disaggregated")
+    assert {w: (v["role"], v["draining"]) for w, v in workers(disagg).items()} == {
+        "prefill-0": ("prefill", False), "decode-0": ("decode", False)}
+    expect(page.locator("#banner")).to_be_hidden()
+    assert errors == []
+    page.close()
+    wait_idle(disagg)
+
+
+def test_console_shows_a_failed_action(disagg, browser):
+    """An action the gateway refuses (here: on a worker it no longer knows, as from a page
+    left open while that worker went away) shows the gateway's message in the banner."""
+    from playwright.sync_api import expect
+    page = browser.new_page()
+    page.goto(disagg.admin_url)
+    expect(page.locator('#workers tr[data-worker="decode-0"]')).to_have_count(1)
+    # act on a worker id the gateway does not know, as a stale page would
+    page.evaluate("""() => act("gone-7", "role", {role: "decode"}, document.createElement("button"))""")
+    expect(page.locator("#banner")).to_be_visible()
+    expect(page.locator("#banner")).to_contain_text("gone-7")
+    page.close()
