@@ -20,6 +20,13 @@ PROMPT = "The three laws of robotics are"
 
 
 @pytest.fixture(scope="module")
+def disagg(smollm2_dir, tmp_path_factory):
+    mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("disagg-logs"), prefill=1, decode=1)
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture(scope="module")
 def coloc(smollm2_dir, tmp_path_factory):
     mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("coloc-logs"), colocated=True)
     yield mesh

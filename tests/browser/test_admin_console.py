@@ -13,9 +13,18 @@ import requests
 import zmq
 
 from services.kvstore.client import KVStoreClient
-from tests.integration.mesh_util import get_json, wait_idle
+from tests.integration.mesh_util import get_json, start_mesh, wait_idle
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def disagg(smollm2_dir, tmp_path_factory):
+    """1 prefill + 1 decode worker, kvstore, tokenizer, gateway and the admin console, as
+    separate processes. Tests that flip roles or drain workers put them back."""
+    mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("admin-logs"), prefill=1, decode=1)
+    yield mesh
+    mesh.stop()
 
 
 def complete(mesh, prompt="The capital of France is", max_tokens=6) -> str:
