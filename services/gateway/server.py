@@ -30,7 +30,9 @@ def _adjustments(threads: int, connection_limit: int | None, channel_timeout: in
                 # waitress buffers a whole body before the app sees it: bound that; the app
                 # itself answers bodies over its own (smaller) limit with a JSON 413
                 max_request_body_size=MAX_WIRE_BODY_BYTES,
-                cleanup_interval=30, asyncore_loop_timeout=0.5)
+                cleanup_interval=30,
+                # whole seconds: waitress int()s it, and 0.5 became 0, a busy poll loop
+                asyncore_loop_timeout=1)
 
 
 class ServerHandle:

@@ -228,3 +228,22 @@ def test_health_and_metrics(server):
     assert 'duet_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert 'duet_ttft_stage_seconds_count{stage="prefill_compute"}' in text
     assert "duet_goodput_requests_total" in text and "duet_finished_requests_total" in text
+
+
+def test_idle_server_does_not_spin():
+    """An idle gateway (or admin console) must sleep in poll(), not burn a core: waitress
+    int()s its loop timeout, so a fractional one became 0 and a busy loop (measured: 43%
+    of a core idle, before the fix; ~0 after)."""
+    from flask import Flask
+    app = Flask("idle")
+    app.get("/")(lambda: "ok")
+    srv = make_server(app, threads=4).start()
+    try:
+        requests.get(srv.url + "/", timeout=5).raise_for_status()
+        assert srv.server.adj.asyncore_loop_timeout >= 1
+        cpu = time.process_time()
+        time.sleep(2.0)
+        # the whole test process, every thread: a spinning loop shows as ~0.9 s of CPU here
+        assert time.process_time() - cpu < 0.3
+    finally:
+        srv.stop()
