@@ -140,18 +140,21 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @_dtype
 @click.option("--kv-blocks", default=2048, show_default=True, type=int, help="KV-store pool blocks")
-@click.option("--curve-dir", default=None, help="authenticate the mesh with these CURVE keys")
+@click.option("--curve-dir", default=None,
+              help="CURVE keys to authenticate the mesh with (default: fresh keys per run)")
+@click.option("--insecure", is_flag=True,
+              help="no CURVE: any process that can reach the sockets may join the mesh")
 @click.option("--api-keys", default=None, help="comma-separated API keys for the HTTP API")
 @click.option("--log-dir", default=None, help="write each service's log here")
 @click.option("--log-level", default="WARNING", show_default=True)
 def up(model_name, prefill, decode, colocated, port, admin_port, host, dtype, kv_blocks,
-       curve_dir, api_keys, log_dir, log_level):
+       curve_dir, insecure, api_keys, log_dir, log_level):
     """Start tokenizer, kvstore, workers and gateway as separate processes."""
     from tools.up import Mesh, run_up
     try:
         mesh = Mesh(model=model_name, prefill=prefill, decode=decode, colocated=colocated,
                     port=port, admin_port=admin_port, host=host, dtype=dtype,
-                    kv_blocks=kv_blocks, curve_dir=curve_dir,
+                    kv_blocks=kv_blocks, curve_dir=curve_dir, insecure=insecure,
                     api_keys=api_keys, log_dir=log_dir, log_level=log_level)
     except ValueError as e:
         raise click.UsageError(str(e))

@@ -29,7 +29,8 @@ class Mesh:
     dtype: str = "auto"
     kv_blocks: int = 2048
     worker_blocks: int = 2048
-    curve_dir: str | None = None
+    curve_dir: str | None = None         # None: fresh keys in the run dir, unless insecure
+    insecure: bool = False               # no CURVE at all (any local process may join)
     api_keys: str | None = None
     heartbeat_s: float = 0.5
     log_level: str = "INFO"
@@ -50,6 +51,8 @@ class Mesh:
         if not 0 <= self.admin_port <= 65535 or self.admin_port == self.port:
             raise ValueError(f"--admin-port {self.admin_port} must be in [0, 65535] (0: no "
                              f"console) and differ from --port {self.port}")
+        if self.insecure and self.curve_dir:
+            raise ValueError(f"--insecure and --curve-dir {self.curve_dir} contradict each other")
         self.run_dir = tempfile.mkdtemp(prefix="duet-run-")
         self.addr = {name: f"ipc://{self.run_dir}/{name}.sock"
                      for name in ("gateway", "kvstore", "tokenizer")}
@@ -57,6 +60,14 @@ class Mesh:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def client_curve(self):
+        """CurveConfig for a client of this mesh's sockets (a probe, a debug tool); None
+        when the mesh runs --insecure. Valid once start() has made or taken the keys."""
+        if not self.curve_dir:
+            return None
+        from shared.transport import CurveConfig
+        return CurveConfig.from_dir(self.curve_dir, "client")
 
     @property
     def admin_url(self) -> str | None:
@@ -77,6 +88,10 @@ class Mesh:
         from shared.models.hub import resolve_model
         model_dir = str(resolve_model(self.model))      # convert once, before the children
         dtype = EngineConfig(dtype=self.dtype).resolved_dtype()
+        if self.curve_dir is None and not self.insecure:
+            # authenticated by default: this run's own server and client keypairs
+            from shared.transport import generate_keys
+            self.curve_dir = str(generate_keys(os.path.join(self.run_dir, "keys")))
         curve = ["--curve-dir", self.curve_dir] if self.curve_dir else []
         workers = self.prefill + self.decode
         # leave a core for gateway/tokenizer/store: oversubscribed OpenMP threads spin

@@ -33,6 +33,8 @@ def admin_blueprint(backend, api_keys: set[str] | None = None) -> Blueprint:
             return error(400, str(e))
         except KeyError as e:
             return error(404, str(e.args[0]))
+        except TimeoutError as e:
+            return error(503, str(e))
         return jsonify({"worker_id": worker_id, **reply})
 
     @bp.post("/admin/workers/<worker_id>/role")

@@ -138,18 +138,26 @@ class MeshBackend:
     def set_role(self, worker_id: str, role: str) -> None:
         if role not in ("prefill", "decode", "both"):
             raise ValueError(f"role={role!r} must be prefill, decode or both")
-        if not any(w.worker_id == worker_id for w in self.router.workers.values()):
+        if not any(w.worker_id == worker_id for w in list(self.router.workers.values())):
             raise KeyError(f"no worker {worker_id!r}")
-        self._submit(("role", worker_id, role))
+        self._submit_and_wait(("role", worker_id, role))
 
     def set_drain(self, worker_id: str, enable: bool) -> None:
         """Stop (enable) or resume routing new requests to a worker; the ones it holds
         finish. The worker is told too, and reports it in its status."""
         if not isinstance(enable, bool):
             raise ValueError(f"enable={enable!r} must be true or false")
-        if not any(w.worker_id == worker_id for w in self.router.workers.values()):
+        if not any(w.worker_id == worker_id for w in list(self.router.workers.values())):
             raise KeyError(f"no worker {worker_id!r}")
-        self._submit(("drain", worker_id, enable))
+        self._submit_and_wait(("drain", worker_id, enable))
+
+    def _submit_and_wait(self, cmd: tuple, timeout_s: float = 5.0) -> None:
+        """Run an operator command on the broker thread and return once it is applied, so
+        the next /health (or request) already sees it."""
+        done = threading.Event()
+        self._submit((*cmd, done))
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"the gateway's broker did not apply {cmd[0]} within {timeout_s:g}s")
 
     def health(self) -> dict:
         workers = [w.as_dict() for w in list(self.router.workers.values())]
@@ -231,16 +239,19 @@ class MeshBackend:
             self._dispatch(flight)
         elif kind == "abort":
             self._abort(cmd[1], "client went away")
-        elif kind == "role":
-            for w in self.router.workers.values():
-                if w.worker_id == cmd[1]:
-                    send_msg(self.sock, P.SetRole(role=cmd[2]), w.identity)
-                    w.role = cmd[2]
-        elif kind == "drain":
-            for w in self.router.workers.values():
-                if w.worker_id == cmd[1]:
-                    send_msg(self.sock, P.Drain(enable=cmd[2]), w.identity)
-                    w.draining = cmd[2]
+        elif kind in ("role", "drain"):
+            _, worker_id, value, done = cmd
+            try:
+                for w in self.router.workers.values():
+                    if w.worker_id == worker_id:
+                        if kind == "role":
+                            w.role = value
+                            send_msg(self.sock, P.SetRole(role=value), w.identity)
+                        else:
+                            w.draining = value
+                            send_msg(self.sock, P.Drain(enable=value), w.identity)
+            finally:
+                done.set()
 
     def _dispatch(self, f: Flight) -> None:
         r = f.req

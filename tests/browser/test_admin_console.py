@@ -127,7 +127,8 @@ def test_console_in_a_real_browser(disagg, browser):
     # a live lease shows in the ledger with its blocks, and leaves it when released
     ctx = zmq.Context()
     try:
-        with KVStoreClient(ctx, disagg.addr["kvstore"], "console-test") as kv:
+        with KVStoreClient(ctx, disagg.addr["kvstore"], "console-test",
+                           curve=disagg.client_curve()) as kv:
             lease = kv.allocate("console-probe", 3)
             try:
                 ledger_row = page.locator('#ledger tr[data-request="console-probe"]')

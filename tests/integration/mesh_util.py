@@ -41,7 +41,7 @@ def kv_stats(mesh: Mesh) -> dict:
     from shared.transport import close_context, make_context
     ctx = make_context()
     try:
-        with KVStoreClient(ctx, mesh.addr["kvstore"], "test-probe") as kv:
+        with KVStoreClient(ctx, mesh.addr["kvstore"], "test-probe", curve=mesh.client_curve()) as kv:
             return kv.status()
     finally:
         close_context(ctx)

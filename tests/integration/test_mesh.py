@@ -14,6 +14,7 @@ import zmq
 
 from shared.engine.sampling_params import SamplingParams
 from tests.integration.mesh_util import get_json, kv_stats, start_mesh, wait_idle
+from tools.up import Mesh
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The three laws of robotics are"
@@ -127,7 +128,7 @@ def test_decode_reads_the_pages_prefill_wrote(disagg, smollm2_engine):
     client(disagg).completions.create(model="smollm2", prompt=tok.decode(ids), max_tokens=2, temperature=0)
     ctx = make_context()
     try:
-        with KVStoreClient(ctx, disagg.addr["kvstore"], "zc-probe") as kv:
+        with KVStoreClient(ctx, disagg.addr["kvstore"], "zc-probe", curve=disagg.client_curve()) as kv:
             pool, _ = open_pool(kv.pool_info())
             hit = kv.lookup("zc", ids + [0])          # the store knows every full block
             try:
@@ -150,11 +151,13 @@ def test_decode_reads_the_pages_prefill_wrote(disagg, smollm2_engine):
 
 
 def test_hostile_frames_are_rejected_and_services_keep_serving(disagg):
+    """From a peer that holds the mesh's client keys (so its frames get through CURVE)."""
     ctx = zmq.Context()
     try:
         for name in ("gateway", "kvstore", "tokenizer"):
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            disagg.client_curve().apply(s, ctx)
             s.connect(disagg.addr[name])
             for frames in ([b"\xff\x00garbage"], [b"\x93\x01\x81\xa1t\xa3zzz\x90"], [b""] * 3):
                 s.send_multipart(frames)
@@ -243,31 +246,28 @@ def test_kill_9_decode_worker_mid_stream(smollm2_dir, tmp_path):
         mesh.stop()
 
 
-def test_curve_authenticated_mesh(smollm2_dir, tmp_path):
-    """With --curve-dir every socket is CURVE: the mesh serves, and a peer without the
-    keys cannot register as a worker."""
+def test_mesh_is_authenticated_by_default(coloc, tmp_path):
+    """`duet up` without --curve-dir makes this run's own CURVE keys: the mesh serves, a
+    peer without them cannot register as a worker, and --insecure is the only way out."""
     from shared import protocol as P
-    from shared.transport import generate_keys, send_msg
-    keys = tmp_path / "keys"
-    generate_keys(keys)
-    mesh = start_mesh(smollm2_dir, tmp_path / "logs", colocated=True, curve_dir=str(keys))
+    from shared.transport import send_msg
+    assert coloc.curve_dir and coloc.curve_dir.startswith(coloc.run_dir)
+    r = client(coloc).completions.create(model="smollm2", prompt="Secure hello", max_tokens=4,
+                                         temperature=0)
+    assert r.choices[0].text
+    ctx = zmq.Context()
     try:
-        r = client(mesh).completions.create(model="smollm2", prompt="Secure hello", max_tokens=4,
-                                            temperature=0)
-        assert r.choices[0].text
-        ctx = zmq.Context()
-        try:
-            rogue = ctx.socket(zmq.DEALER)
-            rogue.setsockopt(zmq.LINGER, 0)
-            rogue.setsockopt(zmq.IDENTITY, b"rogue")
-            rogue.connect(mesh.addr["gateway"])
-            send_msg(rogue, P.Register(worker_id="rogue", role="decode", model="x", devices=["cpu"],
-                                       max_batch_tokens=1, total_blocks=1, free_blocks=1))
-            time.sleep(1.5)
-            ids = {w["worker_id"] for w in get_json(mesh.url + "/health")["workers"]}
-            assert ids == {"both-0"}
-            rogue.close()
-        finally:
-            ctx.term()
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.setsockopt(zmq.IDENTITY, b"rogue")
+        rogue.connect(coloc.addr["gateway"])
+        send_msg(rogue, P.Register(worker_id="rogue", role="decode", model="x", devices=["cpu"],
+                                   max_batch_tokens=1, total_blocks=1, free_blocks=1))
+        time.sleep(1.5)
+        ids = {w["worker_id"] for w in get_json(coloc.url + "/health")["workers"]}
+        assert ids == {"both-0"}
+        rogue.close()
     finally:
-        mesh.stop()
+        ctx.term()
+    with pytest.raises(ValueError, match="--insecure and --curve-dir"):
+        Mesh(insecure=True, curve_dir=str(tmp_path))
