@@ -152,6 +152,7 @@ def main():
     ap.add_argument("--output-lens", default="16,32,64")
     ap.add_argument("--ttft-target", type=float, default=2.0)
     ap.add_argument("--tpot-target", type=float, default=0.2)
+    ap.add_argument("--insecure", action="store_true", help="run the meshes without CURVE")
     ap.add_argument("--json", default="results/bench_serving.json")
     a = ap.parse_args()
     from shared.config import EngineConfig
@@ -160,9 +161,11 @@ def main():
     model_dir = resolve_model("smollm2")
     dtype = EngineConfig(dtype=a.dtype).resolved_dtype()
     mix = ([int(x) for x in a.prompt_repeats.split(",")], [int(x) for x in a.output_lens.split(",")])
-    out = {"dtype": dtype, "clients": a.clients, "requests": a.requests, "modes": {}}
+    out = {"dtype": dtype, "clients": a.clients, "requests": a.requests, "modes": {},
+           "curve": not a.insecure}
     for mode, kw in (("disaggregated", dict(prefill=1, decode=1)), ("colocated", dict(colocated=True))):
-        mesh = start_mesh(model_dir, tempfile.mkdtemp(prefix=f"bench-{mode}-"), dtype=dtype, **kw)
+        mesh = start_mesh(model_dir, tempfile.mkdtemp(prefix=f"bench-{mode}-"), dtype=dtype,
+                          insecure=a.insecure, **kw)
         try:
             one_stream(mesh.url, "warm up", 4)
             out["modes"][mode] = run_load(mesh.url, a.clients, a.requests, mix, a.ttft_target, a.tpot_target)
@@ -175,7 +178,8 @@ def main():
         finally:
             mesh.stop()
     out["handoff"] = handoff_bandwidth(model_dir, dtype)
-    print(f"\nServing SmolLM2 ({dtype}), {a.clients} concurrent streaming clients, {a.requests} requests")
+    print(f"\nServing SmolLM2 ({dtype}), {a.clients} concurrent streaming clients, {a.requests} requests, "
+          f"CURVE {'off' if a.insecure else 'on'}")
     print(f"{'mode':15} {'TTFT p50':>9} {'p90':>7} {'p99':>7} {'ITL p50':>8} {'TPOT':>7} {'tok/s':>7} {'goodput':>8} {'errors':>6}")
     for mode, r in out["modes"].items():
         print(f"{mode:15} {r['ttft_p50']:9.3f} {r['ttft_p90']:7.3f} {r['ttft_p99']:7.3f} "

@@ -182,23 +182,29 @@ def worker():
     """Inspect and steer workers through the gateway."""
 
 
+_URL_HELP = "the gateway (default: the running mesh's, else http://127.0.0.1:8000)"
+
+
 @worker.command("list")
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--url", default=None, help=_URL_HELP)
 def worker_list(url):
     """Workers registered with the gateway."""
     import requests
-    r = requests.get(f"{url}/admin/workers", timeout=10)
+    from tools.debug_cli import gateway_url
+    r = requests.get(f"{gateway_url(url)}/admin/workers", timeout=10)
     click.echo(json.dumps(r.json(), indent=2))
 
 
 @worker.command("role")
 @click.argument("worker_id")
 @click.argument("role", type=click.Choice(["prefill", "decode", "both"]))
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--url", default=None, help=_URL_HELP)
 def worker_role(worker_id, role, url):
     """Flip WORKER_ID to ROLE at run time."""
     import requests
-    r = requests.post(f"{url}/admin/workers/{worker_id}/role", json={"role": role}, timeout=10)
+    from tools.debug_cli import gateway_url
+    r = requests.post(f"{gateway_url(url)}/admin/workers/{worker_id}/role", json={"role": role},
+                      timeout=10)
     if r.status_code != 200:
         raise click.ClickException(r.json()["error"]["message"])
     click.echo(f"{worker_id} -> {role}")
@@ -207,11 +213,13 @@ def worker_role(worker_id, role, url):
 @worker.command("drain")
 @click.argument("worker_id")
 @click.option("--off", is_flag=True, help="resume: route new requests to it again")
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--url", default=None, help=_URL_HELP)
 def worker_drain(worker_id, off, url):
     """Route no new requests to WORKER_ID (the ones it holds finish); --off undoes it."""
     import requests
-    r = requests.post(f"{url}/admin/workers/{worker_id}/drain", json={"enable": not off}, timeout=10)
+    from tools.debug_cli import gateway_url
+    r = requests.post(f"{gateway_url(url)}/admin/workers/{worker_id}/drain",
+                      json={"enable": not off}, timeout=10)
     if r.status_code != 200:
         raise click.ClickException(r.json()["error"]["message"])
     click.echo(f"{worker_id} {'serving' if off else 'draining'}")
@@ -229,6 +237,14 @@ def keys_generate(key_dir):
     from shared.transport import generate_keys
     click.echo(generate_keys(key_dir))
 
+
+def _add_debug_commands() -> None:
+    from tools.debug_cli import kv, status, tokenizer
+    for cmd in (status, kv, tokenizer):
+        main.add_command(cmd)
+
+
+_add_debug_commands()
 
 if __name__ == "__main__":
     main()

@@ -172,6 +172,8 @@ def run_up(mesh: Mesh) -> int:
     try:
         mesh.start()
         body = mesh.wait_ready()
+        from tools.debug_cli import write_mesh_file
+        write_mesh_file(mesh)   # for `duet status`, `duet kv ...`, `duet worker ...`
         mode = "colocated" if mesh.colocated else f"{mesh.prefill} prefill + {mesh.decode} decode"
         print(f"Duet is up ({mode}, model {mesh.model}, {len(body['workers'])} workers)\n"
               f"  OpenAI API:  {mesh.url}/v1  (chat: {mesh.url}/v1/chat/completions)\n"
@@ -188,4 +190,6 @@ def run_up(mesh: Mesh) -> int:
         print(f"duet up failed: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        from tools.debug_cli import remove_mesh_file
+        remove_mesh_file(mesh)
         mesh.stop()
