@@ -132,17 +132,21 @@ def _kv_client(addr, curve_dir, insecure, timeout_s):
         yield addr, client
 
 
+def _kv_status(addr, curve_dir, insecure, timeout_s) -> tuple[str, dict]:
+    with _kv_client(addr, curve_dir, insecure, timeout_s) as (addr, client):
+        try:
+            return addr, client.status()
+        except Exception as e:
+            _fail("kvstore", addr, e)
+
+
 @kv.command("status")
 @click.option("--addr", default=None, help="the store's address (default: the running mesh's)")
 @_with(_addr_opts)
 @click.option("--json", "as_json", is_flag=True)
 def kv_status(addr, curve_dir, insecure, timeout_s, as_json):
     """Pool counts: free, cached (prefix index), leased; leases; prefix hit rate."""
-    with _kv_client(addr, curve_dir, insecure, timeout_s) as (addr, client):
-        try:
-            st = client.status()
-        except Exception as e:
-            _fail("kvstore", addr, e)
+    addr, st = _kv_status(addr, curve_dir, insecure, timeout_s)
     if as_json:
         click.echo(json.dumps({k: st[k] for k in ("stats", "idle", "dtype", "pool")}, indent=1))
         return
@@ -163,11 +167,7 @@ def kv_status(addr, curve_dir, insecure, timeout_s, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def kv_ledger(addr, curve_dir, insecure, timeout_s, as_json):
     """Every live lease: id, request, blocks, age, claimed."""
-    with _kv_client(addr, curve_dir, insecure, timeout_s) as (addr, client):
-        try:
-            ledger = client.status()["ledger"]
-        except Exception as e:
-            _fail("kvstore", addr, e)
+    ledger = _kv_status(addr, curve_dir, insecure, timeout_s)[1]["ledger"]
     if as_json:
         click.echo(json.dumps(ledger, indent=1))
         return
