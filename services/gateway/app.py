@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from services.gateway.backend import Backend, Overloaded
-from services.gateway.generation import GenerationFailed, GenerationRun
+from services.gateway.generation import ClientGone, GenerationFailed, GenerationRun
 from services.gateway.http_metrics import GatewayMetrics
 from services.gateway.openai_api import (ApiError, GenerationRequest, completion_logprobs,
                                          chat_logprobs, new_response_id, now, parse_chat,
@@ -147,8 +147,14 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             resp.call_on_close(run.close)
             return resp
+        # waitress reports a vanished client (it keeps reading the socket while the app
+        # runs: channel_request_lookahead in server.py); other servers: never
+        gone = request.environ.get("waitress.client_disconnected")
         try:
-            choices = backend_call(run.collect, None)
+            choices = backend_call(lambda: run.collect(gone), None)
+        except ClientGone as e:
+            log.info("%s: stopped generating", e)
+            return Response(status=499)   # nginx's "client closed request": metrics only
         finally:
             run.close()
         return jsonify(response_body(req, rid, created_at, choices, len(prompt_ids),

@@ -8,7 +8,7 @@ choice still running, so a client that goes away never leaves work behind.
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from services.gateway.backend import Backend, GenEvent, GenRequest
 from services.gateway.http_metrics import GatewayMetrics
@@ -20,6 +20,10 @@ _OK_REASONS = ("stop", "length")
 
 class GenerationFailed(Exception):
     """The backend ended a choice with finish_reason 'error' (message says why)."""
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before a non-streaming response was ready."""
 
 
 class Choice:
@@ -141,9 +145,13 @@ class GenerationRun:
                     if c.finish_reason == "error":
                         raise GenerationFailed(c.error or "generation failed")
 
-    def collect(self) -> list[ChoiceResult]:
+    def collect(self, disconnected: Callable[[], bool] | None = None) -> list[ChoiceResult]:
+        """Run every choice to its end. `disconnected` (the server's check that the client
+        is still there) is asked after each event: ClientGone stops the run, so a request
+        whose client left stops computing instead of running to max_tokens."""
         for _ in self.deltas():
-            pass
+            if disconnected is not None and disconnected():
+                raise ClientGone(f"request {self.request_id}: the client disconnected")
         return [c.result() for c in self.choices]
 
     @property

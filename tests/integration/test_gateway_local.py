@@ -247,3 +247,27 @@ def test_idle_server_does_not_spin():
         assert time.process_time() - cpu < 0.3
     finally:
         srv.stop()
+
+
+def test_client_disconnect_before_a_non_streaming_reply_stops_generation(server, model, engine):
+    """No stream to write into, so only the server can tell that the client left: the
+    request stops generating (a 499 in the metrics) instead of running to max_tokens."""
+    import json
+    import socket
+    from urllib.parse import urlparse
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True,
+                       "temperature": 0}).encode()
+    steps_before = engine.stats.decode_tokens
+    u = urlparse(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while engine.stats.decode_tokens - steps_before < 5:   # it is generating
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # 3000 tokens take minutes here: idle within seconds means it was stopped
+    wait_idle(engine, timeout_s=15)
+    assert engine.stats.decode_tokens - steps_before < 1000
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    assert 'duet_requests_total{endpoint="/v1/completions",status="499"} 1.0' in metrics
