@@ -183,30 +183,49 @@ def worker():
 
 
 _URL_HELP = "the gateway (default: the running mesh's, else http://127.0.0.1:8000)"
+_api_key = click.option("--api-key", default=None, envvar="DUET_API_KEY",
+                        help="when the gateway requires one [env DUET_API_KEY]")
+
+
+def _gateway(method: str, url: str | None, path: str, api_key: str | None, body=None):
+    """Call the gateway's admin API; its error message (or status) as a ClickException."""
+    import requests
+    from tools.debug_cli import gateway_url
+    base = gateway_url(url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = requests.request(method, base + path, json=body, headers=headers, timeout=15)
+    except requests.RequestException as e:
+        raise click.ClickException(f"gateway {base}: {e}")
+    try:
+        data = r.json()
+    except ValueError:
+        data = None
+    if r.status_code != 200:
+        err = data.get("error") if isinstance(data, dict) else None
+        msg = err.get("message") if isinstance(err, dict) else r.text[:200]
+        raise click.ClickException(f"gateway {base} answered {r.status_code}: {msg}")
+    return data
 
 
 @worker.command("list")
 @click.option("--url", default=None, help=_URL_HELP)
-def worker_list(url):
+@_api_key
+def worker_list(url, api_key):
     """Workers registered with the gateway."""
-    import requests
-    from tools.debug_cli import gateway_url
-    r = requests.get(f"{gateway_url(url)}/admin/workers", timeout=10)
-    click.echo(json.dumps(r.json(), indent=2))
+    click.echo(json.dumps(_gateway("GET", url, "/admin/workers", api_key), indent=2))
 
 
 @worker.command("role")
 @click.argument("worker_id")
 @click.argument("role", type=click.Choice(["prefill", "decode", "both"]))
 @click.option("--url", default=None, help=_URL_HELP)
-def worker_role(worker_id, role, url):
+@_api_key
+def worker_role(worker_id, role, url, api_key):
     """Flip WORKER_ID to ROLE at run time."""
-    import requests
-    from tools.debug_cli import gateway_url
-    r = requests.post(f"{gateway_url(url)}/admin/workers/{worker_id}/role", json={"role": role},
-                      timeout=10)
-    if r.status_code != 200:
-        raise click.ClickException(r.json()["error"]["message"])
+    from urllib.parse import quote
+    _gateway("POST", url, f"/admin/workers/{quote(worker_id, safe='')}/role", api_key,
+             {"role": role})
     click.echo(f"{worker_id} -> {role}")
 
 
@@ -214,14 +233,12 @@ def worker_role(worker_id, role, url):
 @click.argument("worker_id")
 @click.option("--off", is_flag=True, help="resume: route new requests to it again")
 @click.option("--url", default=None, help=_URL_HELP)
-def worker_drain(worker_id, off, url):
+@_api_key
+def worker_drain(worker_id, off, url, api_key):
     """Route no new requests to WORKER_ID (the ones it holds finish); --off undoes it."""
-    import requests
-    from tools.debug_cli import gateway_url
-    r = requests.post(f"{gateway_url(url)}/admin/workers/{worker_id}/drain",
-                      json={"enable": not off}, timeout=10)
-    if r.status_code != 200:
-        raise click.ClickException(r.json()["error"]["message"])
+    from urllib.parse import quote
+    _gateway("POST", url, f"/admin/workers/{quote(worker_id, safe='')}/drain", api_key,
+             {"enable": not off})
     click.echo(f"{worker_id} {'serving' if off else 'draining'}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,8 +29,9 @@ def write_mesh_file(mesh) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"pid": os.getpid(), "url": mesh.url, "admin_url": mesh.admin_url,
             "addr": mesh.addr, "curve_dir": mesh.curve_dir, "run_dir": mesh.run_dir}
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)   # O_CREAT's mode applies only to a new file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(info, f, indent=1)
     os.replace(tmp, path)
@@ -51,6 +53,8 @@ def running_mesh() -> dict | None:
     try:
         info = json.loads(mesh_file().read_text())
         os.kill(info["pid"], 0)
+        if not os.path.isdir(info["run_dir"]):   # a reused pid after a crash
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return info
@@ -127,7 +131,8 @@ def kv():
 def _kv_client(addr, curve_dir, insecure, timeout_s):
     from services.kvstore.client import KVStoreClient
     addr = _need(addr, "kvstore", "--addr")
-    with _context() as ctx, KVStoreClient(ctx, addr, "duet-cli", curve=_curve(curve_dir, insecure),
+    with _context() as ctx, KVStoreClient(ctx, addr, f"duet-cli-{uuid.uuid4().hex[:10]}",
+                                          curve=_curve(curve_dir, insecure),
                                           timeout_s=timeout_s) as client:
         yield addr, client
 
@@ -190,10 +195,11 @@ def kv_lookup(text, chat, addr, tokenizer_addr, curve_dir, insecure, timeout_s):
     """How much of TEXT's prompt the store already holds (the lookup's pin is released)."""
     ids = _tokenize(text, chat, tokenizer_addr, curve_dir, insecure, timeout_s)
     with _kv_client(addr, curve_dir, insecure, timeout_s) as (addr, client):
+        rid = f"duet-cli-lookup-{uuid.uuid4().hex[:8]}"
         try:
-            hit = client.lookup("duet-cli-lookup", ids)
+            hit = client.lookup(rid, ids)
             if hit.lease_id is not None:
-                client.release("duet-cli-lookup", hit.lease_id)
+                client.release(rid, hit.lease_id)
         except Exception as e:
             _fail("kvstore", addr, e)
     click.echo(f"prompt: {len(ids)} tokens; cached prefix: {hit.num_tokens} tokens "

@@ -71,15 +71,16 @@ class Mesh:
 
     @property
     def admin_url(self) -> str | None:
-        return f"http://{self.host}:{self.admin_port}" if self.admin_port else None
+        return f"http://127.0.0.1:{self.admin_port}" if self.admin_port else None
 
-    def _spawn(self, name: str, module: str, *args: str) -> None:
+    def _spawn(self, name: str, module: str, *args: str, env: dict | None = None) -> None:
         cmd = [sys.executable, "-m", module, *args, "--log-level", self.log_level]
         out = None
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                             env={**os.environ, **env} if env else None)
         p.duet_name = name
         self.procs.append(p)
 
@@ -109,11 +110,13 @@ class Mesh:
             gw += ["--api-keys", self.api_keys]
         self._spawn("gateway", "services.gateway", *gw)
         if self.admin_port:
-            key = ["--api-key", self.api_keys.split(",")[0].strip()] if self.api_keys else []
+            # loopback only, whatever --host says: it can drain workers (tunnel to reach it,
+            # or run `python -m services.admin --host ... --token ...` yourself)
+            env = {"DUET_API_KEY": self.api_keys.split(",")[0].strip()} if self.api_keys else {}
             self._spawn("admin", "services.admin", "--gateway-url", self.url,
                         "--kvstore-addr", self.addr["kvstore"], "--tokenizer-addr",
-                        self.addr["tokenizer"], "--host", self.host, "--port", str(self.admin_port),
-                        *key, *curve)
+                        self.addr["tokenizer"], "--host", "127.0.0.1",
+                        "--port", str(self.admin_port), *curve, env=env)
         common = ["--model", model_dir, "--dtype", dtype, "--gateway-addr", self.addr["gateway"],
                   "--kvstore-addr", self.addr["kvstore"], "--threads", threads,
                   "--num-kv-blocks", str(self.worker_blocks), "--heartbeat", str(self.heartbeat_s), *curve]
@@ -140,8 +143,13 @@ class Mesh:
         raise TimeoutError(f"the mesh was not ready within {timeout_s:.0f}s")
 
     def check_children(self) -> None:
-        for p in self.procs:
+        for p in list(self.procs):
             if p.poll() is not None:
+                if p.duet_name == "admin":   # serving goes on without its console
+                    print(f"duet: the admin console exited with code {p.returncode}; serving "
+                          f"continues", file=sys.stderr, flush=True)
+                    self.procs.remove(p)
+                    continue
                 raise RuntimeError(f"{p.duet_name} exited with code {p.returncode}")
 
     def stop(self, grace_s: float = 10.0) -> None:
@@ -163,6 +171,8 @@ def run_up(mesh: Mesh) -> int:
     stopping = []
 
     def on_signal(signum, _frame):
+        if stopping:   # a second Ctrl-C while stopping: let the cleanup finish
+            return
         stopping.append(signum)
         raise KeyboardInterrupt
 
@@ -190,6 +200,7 @@ def run_up(mesh: Mesh) -> int:
         print(f"duet up failed: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        stopping.append("cleanup")   # from here on, signals no longer interrupt
         from tools.debug_cli import remove_mesh_file
         remove_mesh_file(mesh)
         mesh.stop()

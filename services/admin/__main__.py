@@ -19,10 +19,13 @@ import click
               help="a gateway API key, when the gateway requires one [env DUET_API_KEY]")
 @click.option("--token", default=None, envvar="DUET_ADMIN_TOKEN",
               help="require this bearer token for the console's API [env DUET_ADMIN_TOKEN]")
+@click.option("--allow-host", "allow_hosts", multiple=True,
+              help="a Host name (besides loopback) browsers may use to reach the console")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8001, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--log-level", default="INFO", show_default=True)
-def main(gateway_url, kvstore_addr, tokenizer_addr, curve_dir, api_key, token, host, port, log_level):
+def main(gateway_url, kvstore_addr, tokenizer_addr, curve_dir, api_key, token, allow_hosts, host,
+         port, log_level):
     logging.basicConfig(level=log_level, format="%(asctime)s admin[%(process)d] %(levelname)s %(message)s")
     from services.admin.app import create_app
     from services.admin.sources import Sources
@@ -33,11 +36,13 @@ def main(gateway_url, kvstore_addr, tokenizer_addr, curve_dir, api_key, token, h
     except ValueError as e:
         raise click.BadParameter(str(e))
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        logging.warning("the console listens on %s without --token: anyone who can reach it "
-                        "can flip roles and drain workers", host)
+        raise click.UsageError(f"--host {host} would let anyone who reaches it flip roles and "
+                               f"drain workers: set --token (or DUET_ADMIN_TOKEN), or keep "
+                               f"--host 127.0.0.1 and tunnel to it")
+    hosts = tuple(allow_hosts) + ((host,) if host not in ("0.0.0.0", "::") else ())
     logging.info("admin console on http://%s:%d (pid %d)", host, port, os.getpid())
     try:
-        serve(create_app(sources, token=token), host, port, threads=8)
+        serve(create_app(sources, token=token, allowed_hosts=hosts), host, port, threads=8)
     finally:
         sources.close()
 

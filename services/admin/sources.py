@@ -12,6 +12,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,16 +39,23 @@ class Sources:
     curve_dir: str | None = None
     api_key: str | None = None
     timeout_s: float = 3.0
+    action_timeout_s: float = 10.0   # above the gateway's own 5 s wait for its broker
 
     def __post_init__(self):
         if not self.gateway_url.startswith(("http://", "https://")):
             raise ValueError(f"gateway_url={self.gateway_url!r} must start with http:// or https://")
         self.gateway_url = self.gateway_url.rstrip("/")
-        self._lock = threading.Lock()   # one zmq request at a time per client
-        self._ctx = self._kv = self._tok = None
+        # one zmq request at a time per client; a slow store does not hold up the tokenizer
+        self._kv_lock, self._tok_lock, self._ctx_lock = (threading.Lock(), threading.Lock(),
+                                                         threading.Lock())
+        self._ctx = self._curve = self._kv = self._tok = None
+        # unique per process: two consoles (or a console and `duet status`) must not
+        # share a ROUTER identity, or the store routes one's replies to the other
+        self._identity = f"admin-{uuid.uuid4().hex[:10]}"
 
     # -- gateway over HTTP -----------------------------------------------------------
-    def _http(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+    def _http(self, method: str, path: str, body: dict | None = None,
+              timeout_s: float | None = None) -> tuple[int, bytes]:
         req = urllib.request.Request(self.gateway_url + path, method=method,
                                      data=None if body is None else json.dumps(body).encode())
         if body is not None:
@@ -54,7 +63,7 @@ class Sources:
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:   # 4xx/5xx still carry a body worth showing
             return e.code, e.read()
@@ -77,7 +86,7 @@ class Sources:
             raise ActionError(404, f"unknown action {action!r}: choose role or drain")
         path = f"/admin/workers/{urllib.request.quote(worker_id, safe='')}/{action}"
         try:
-            status, raw = self._http("POST", path, body)
+            status, raw = self._http("POST", path, body, self.action_timeout_s)
         except OSError as e:
             raise ActionError(502, f"gateway {self.gateway_url} unreachable: {e}") from None
         try:
@@ -85,24 +94,30 @@ class Sources:
         except ValueError:
             raise ActionError(502, f"gateway answered {status} with a non-JSON body") from None
         if status != 200:
-            msg = reply.get("error", {}).get("message", raw.decode(errors="replace")[:200])
+            err = reply.get("error") if isinstance(reply, dict) else None
+            msg = err.get("message") if isinstance(err, dict) else raw.decode(errors="replace")[:200]
+            if status in (401, 403):   # the gateway's key, not the console's token
+                raise ActionError(502, f"the gateway rejected the console's API key ({msg}); "
+                                       f"start the console with --api-key or DUET_API_KEY")
             raise ActionError(status, msg)
         return reply
 
     # -- KV-store and tokenizer over ZeroMQ ------------------------------------------------
     def _clients(self):
-        if self._ctx is None:
-            from shared.transport import CurveConfig, make_context
-            self._ctx = make_context()
-            self._curve = CurveConfig.from_dir(self.curve_dir, "client") if self.curve_dir else None
-        return self._ctx, self._curve
+        with self._ctx_lock:
+            if self._ctx is None:
+                from shared.transport import CurveConfig, make_context
+                # keys first: a bad key dir raises its own error every time, not a half-set state
+                curve = CurveConfig.from_dir(self.curve_dir, "client") if self.curve_dir else None
+                self._curve, self._ctx = curve, make_context()
+            return self._ctx, self._curve
 
     def kvstore_status(self) -> dict:
         from services.kvstore.client import KVStoreClient
-        with self._lock:
+        with self._kv_lock:
             ctx, curve = self._clients()
             if self._kv is None:
-                self._kv = KVStoreClient(ctx, self.kvstore_addr, "admin-console", curve=curve,
+                self._kv = KVStoreClient(ctx, self.kvstore_addr, self._identity, curve=curve,
                                          timeout_s=self.timeout_s)
             try:
                 data = self._kv.status()
@@ -120,7 +135,7 @@ class Sources:
 
     def tokenizer_status(self) -> dict:
         from services.tokenizer.client import TokenizerClient
-        with self._lock:
+        with self._tok_lock:
             ctx, curve = self._clients()
             if self._tok is None:
                 self._tok = TokenizerClient(ctx, self.tokenizer_addr, timeout_s=self.timeout_s,
@@ -141,15 +156,19 @@ class Sources:
             reads.append(("kvstore", self.kvstore_status))
         if self.tokenizer_addr:
             reads.append(("tokenizer", self.tokenizer_status))
-        for name, read in reads:
+        def one(read):
             try:
-                out[name] = read()
+                return read()
             except Exception as e:
-                out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                return {"error": f"{type(e).__name__}: {e}"[:300]}
+        # in parallel: a source that is down costs its timeout once, not once per source
+        with ThreadPoolExecutor(len(reads), thread_name_prefix="admin-read") as pool:
+            for (name, _), result in zip(reads, pool.map(one, [r for _, r in reads])):
+                out[name] = result
         return out
 
     def close(self) -> None:
-        with self._lock:
+        with self._kv_lock, self._tok_lock, self._ctx_lock:
             for c in (self._kv, self._tok):
                 if c is not None:
                     c.close()

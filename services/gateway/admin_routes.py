@@ -23,8 +23,25 @@ def admin_blueprint(backend, api_keys: set[str] | None = None) -> Blueprint:
     def workers():
         return jsonify(backend.health())
 
+    def body_field(name: str, kind: type):
+        """The JSON object body's `name`, which must be a `kind`; (value, None) or
+        (None, error response). A form or text body is refused: a cross-site page can
+        send those, not JSON."""
+        if not request.is_json:
+            return None, error(415, "send a JSON body (Content-Type: application/json)")
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            return None, error(400, "the body must be a JSON object")
+        if name not in body:
+            return None, error(400, f"the body needs {name!r}")
+        value = body[name]
+        if not isinstance(value, kind):
+            return None, error(400, f"{name}={value!r} must be a {kind.__name__}")
+        return value, None
+
     def act(method: str, worker_id: str, value, reply: dict):
-        """backend.<method>(worker_id, value): 400 for a bad value, 404 for an unknown worker."""
+        """backend.<method>(worker_id, value): 400 bad value, 404 unknown worker, 503 when
+        the gateway could not apply it."""
         if not hasattr(backend, method):
             return error(400, "this gateway runs the model in-process: it has no workers")
         try:
@@ -33,18 +50,18 @@ def admin_blueprint(backend, api_keys: set[str] | None = None) -> Blueprint:
             return error(400, str(e))
         except KeyError as e:
             return error(404, str(e.args[0]))
-        except TimeoutError as e:
+        except (TimeoutError, RuntimeError) as e:
             return error(503, str(e))
         return jsonify({"worker_id": worker_id, **reply})
 
     @bp.post("/admin/workers/<worker_id>/role")
     def set_role(worker_id):
-        role = (request.get_json(silent=True) or {}).get("role")
-        return act("set_role", worker_id, role, {"role": role})
+        role, bad = body_field("role", str)
+        return bad or act("set_role", worker_id, role, {"role": role})
 
     @bp.post("/admin/workers/<worker_id>/drain")
     def set_drain(worker_id):
-        enable = (request.get_json(silent=True) or {}).get("enable", True)
-        return act("set_drain", worker_id, enable, {"draining": enable})
+        enable, bad = body_field("enable", bool)
+        return bad or act("set_drain", worker_id, enable, {"draining": enable})
 
     return bp

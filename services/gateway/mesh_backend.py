@@ -70,6 +70,7 @@ class MeshBackend:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self.counters = {"dispatched": 0, "redispatched": 0, "worker_deaths": 0, "errors": 0}
+        self.drained: set[str] = set()   # worker ids an operator drained (broker thread)
         self._thread = threading.Thread(target=self._run, name="duet-broker", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -153,15 +154,21 @@ class MeshBackend:
 
     def _submit_and_wait(self, cmd: tuple, timeout_s: float = 5.0) -> None:
         """Run an operator command on the broker thread and return once it is applied, so
-        the next /health (or request) already sees it."""
-        done = threading.Event()
-        self._submit((*cmd, done))
+        the next /health (or request) already sees it. KeyError if the worker is gone by
+        then, RuntimeError if the broker is down or could not tell the worker."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the gateway's broker thread is not running; restart the gateway")
+        done, outcome = threading.Event(), []
+        self._submit((*cmd, done, outcome))
         if not done.wait(timeout_s):
-            raise TimeoutError(f"the gateway's broker did not apply {cmd[0]} within {timeout_s:g}s")
+            raise TimeoutError(f"the gateway's broker did not apply {cmd[0]} within "
+                               f"{timeout_s:g}s; it may still apply")
+        if outcome and isinstance(outcome[0], Exception):
+            raise outcome[0]
 
     def health(self) -> dict:
         workers = [w.as_dict() for w in list(self.router.workers.values())]
-        roles = {w["role"] for w in workers}
+        roles = {w["role"] for w in workers if not w["draining"]}   # who takes new requests
         ok = bool(workers) and ("both" in roles or {"prefill", "decode"} <= roles)
         return {"ok": ok, "workers": workers, "mode": "disaggregated" if self.router.disaggregated
                 else "colocated", "inflight": len(self.flights)}
@@ -240,16 +247,26 @@ class MeshBackend:
         elif kind == "abort":
             self._abort(cmd[1], "client went away")
         elif kind in ("role", "drain"):
-            _, worker_id, value, done = cmd
+            _, worker_id, value, done, outcome = cmd
             try:
-                for w in self.router.workers.values():
-                    if w.worker_id == worker_id:
-                        if kind == "role":
-                            w.role = value
-                            send_msg(self.sock, P.SetRole(role=value), w.identity)
-                        else:
-                            w.draining = value
-                            send_msg(self.sock, P.Drain(enable=value), w.identity)
+                w = next((w for w in self.router.workers.values() if w.worker_id == worker_id),
+                         None)
+                if w is None:
+                    raise KeyError(f"no worker {worker_id!r}")
+                if kind == "drain":
+                    # kept by worker id: a worker that re-registers stays drained
+                    (self.drained.add if value else self.drained.discard)(worker_id)
+                    w.draining = value
+                    msg = P.Drain(enable=value)
+                else:
+                    w.role = value
+                    w.pending_role = (value, time.monotonic() + max(5.0, 4 * self.heartbeat_s))
+                    msg = P.SetRole(role=value)
+                if not send_msg(self.sock, msg, w.identity):
+                    raise RuntimeError(f"could not reach worker {worker_id!r} (send buffer full)")
+                outcome.append(None)
+            except Exception as e:
+                outcome.append(e)
             finally:
                 done.set()
 
@@ -265,10 +282,13 @@ class MeshBackend:
                                                  sampling=spec, arrival_ts=r.arrival), w.identity)
         else:
             w = self.router.pick_decode(len(r.prompt_ids), roles=("both",))
-            if w is None:
-                self._finish(f, GenEvent([], finish_reason="error",
-                                         error="no worker can serve this request now (need a "
-                                               "'both' worker, or prefill and decode workers)"))
+            if w is None:   # 503: capacity, not a failure of this request
+                drained = ", ".join(sorted(self.drained))
+                self.flights.pop(r.request_id, None)
+                f.stage = "done"
+                f.events.put(Overloaded(
+                    "no worker can serve this request now (need a 'both' worker, or prefill "
+                    "and decode workers)" + (f"; drained: {drained}" if drained else "")))
                 return
             f.stage, f.worker = "colocated", w.identity
             w.inflight.add(r.request_id)
@@ -307,15 +327,26 @@ class MeshBackend:
         old = self.router.workers.get(ident)
         if old is not None:
             self._worker_lost(ident, "re-registered")
-        self.router.workers[ident] = WorkerInfo(ident, m.worker_id, m.role, m.total_blocks,
-                                                m.free_blocks, m.block_size)
+        w = self.router.workers[ident] = WorkerInfo(ident, m.worker_id, m.role, m.total_blocks,
+                                                    m.free_blocks, m.block_size)
+        if m.worker_id in self.drained:   # drained before it re-registered: still drained
+            w.draining = True
+            send_msg(self.sock, P.Drain(enable=True), ident)
         self.peers.seen(ident)
         log.info("worker %s registered: role=%s blocks=%d", m.worker_id, m.role, m.total_blocks)
 
     def _on_worker_msg(self, ident: bytes, msg) -> None:
         w = self.router.workers[ident]
         if isinstance(msg, P.Heartbeat):
-            w.role, w.free_blocks, w.running = msg.role, msg.free_blocks, msg.running
+            if w.pending_role is not None:
+                role, deadline = w.pending_role
+                # a heartbeat sent before the worker took the new role must not revert it;
+                # if the worker never takes it (it refused), its own word wins in the end
+                if msg.role == role or time.monotonic() > deadline:
+                    w.pending_role = None
+            if w.pending_role is None:
+                w.role = msg.role
+            w.free_blocks, w.running = msg.free_blocks, msg.running
             w.waiting, w.queued_tokens, w.assigned_tokens = msg.waiting, msg.queued_tokens, 0
         elif isinstance(msg, P.PrefillDone):
             self._on_prefill_done(w, msg)

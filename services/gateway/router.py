@@ -20,6 +20,7 @@ class WorkerInfo:
     inflight: set = field(default_factory=set)      # request ids routed here, not finished
     assigned_tokens: int = 0                          # prompt tokens routed since last heartbeat
     draining: bool = False
+    pending_role: tuple[str, float] | None = None    # (role, monotonic deadline) just set
 
     def as_dict(self) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "free_blocks": self.free_blocks,

@@ -32,7 +32,8 @@ def _adjustments(threads: int, connection_limit: int | None, channel_timeout: in
                 max_request_body_size=MAX_WIRE_BODY_BYTES,
                 cleanup_interval=30,
                 # keep reading a connection while its request runs, so waitress notices a
-                # client that left and the app can stop a non-streaming generation
+                # client that left and the app can stop a non-streaming generation. A client
+                # that half-closes its socket after sending (nc -N) now reads as gone.
                 channel_request_lookahead=1,
                 # whole seconds: waitress int()s it, and 0.5 became 0, a busy poll loop
                 asyncore_loop_timeout=1)

@@ -13,7 +13,7 @@ import requests
 import zmq
 
 from services.kvstore.client import KVStoreClient
-from tests.integration.mesh_util import get_json, start_mesh, wait_idle
+from tests.integration.mesh_util import start_mesh, wait_idle
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 
@@ -34,7 +34,9 @@ def complete(mesh, prompt="The capital of France is", max_tokens=6) -> str:
 
 
 def workers(mesh) -> dict[str, dict]:
-    return {w["worker_id"]: w for w in get_json(mesh.url + "/health")["workers"]}
+    """By id, from /health (503 while no worker set can serve, e.g. one drained: still a body)."""
+    r = requests.get(mesh.url + "/health", timeout=10)
+    return {w["worker_id"]: w for w in r.json()["workers"]}
 
 
 def test_status_api_reads_every_service(disagg):
@@ -71,11 +73,55 @@ def test_actions_are_validated_and_forwarded(disagg):
     assert r.status_code == 400 and "yes" in r.json()["error"]["message"]
     r = requests.post(u + "/decode-0/reboot", json={})
     assert r.status_code == 404 and "reboot" in r.json()["error"]["message"]
-    # through the gateway's own admin API too
-    r = requests.post(disagg.url + "/admin/workers/nobody/drain", json={"enable": True})
-    assert r.status_code == 404
+    # through the gateway's own admin API too: JSON objects only (a cross-site form or
+    # text body cannot drain a worker), the field required, its type checked
+    g = disagg.url + "/admin/workers"
+    assert requests.post(g + "/nobody/drain", json={"enable": True}).status_code == 404
+    r = requests.post(g + "/decode-0/drain", data="enable=true",
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+    r = requests.post(g + "/decode-0/drain", data="{}", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    r = requests.post(g + "/decode-0/drain", json={})
+    assert r.status_code == 400 and "'enable'" in r.json()["error"]["message"]
+    r = requests.post(g + "/decode-0/drain", json=[1])
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = requests.post(g + "/decode-0/role", json={"role": 3})
+    assert r.status_code == 400 and "role=3" in r.json()["error"]["message"]
     assert workers(disagg)["decode-0"]["role"] == "decode"
     assert not any(w["draining"] for w in workers(disagg).values())
+
+
+def test_console_refuses_foreign_hosts_origins_and_framing(disagg):
+    """DNS rebinding (a foreign Host), cross-origin POSTs and framing are refused."""
+    u = disagg.admin_url
+    r = requests.get(u + "/api/status", headers={"Host": "evil.example:8001"})
+    assert r.status_code == 403 and "evil.example" in r.json()["error"]["message"]
+    r = requests.post(u + "/api/workers/decode-0/drain", json={"enable": True},
+                      headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "evil.example" in r.json()["error"]["message"]
+    assert not workers(disagg)["decode-0"]["draining"]
+    r = requests.get(u + "/")
+    assert r.status_code == 200 and r.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+
+
+def test_all_workers_drained_is_503_and_not_ready(disagg):
+    try:
+        for wid in ("prefill-0", "decode-0"):
+            assert requests.post(f"{disagg.url}/admin/workers/{wid}/drain",
+                                 json={"enable": True}).status_code == 200
+        health = requests.get(disagg.url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["ok"] is False
+        r = requests.post(disagg.url + "/v1/completions",
+                          json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 503
+        assert "drained: decode-0, prefill-0" in r.json()["error"]["message"]
+    finally:
+        for wid in ("prefill-0", "decode-0"):
+            requests.post(f"{disagg.url}/admin/workers/{wid}/drain", json={"enable": False})
+    assert requests.get(disagg.url + "/health", timeout=10).status_code == 200
+    wait_idle(disagg)
 
 
 def test_duet_worker_drain_command(disagg):
@@ -164,17 +210,20 @@ def test_console_in_a_real_browser(disagg, browser):
         expect(page.locator('#ttft tr[data-stage="prefill_compute"]')).to_have_count(1)
         expect(page.locator('#ttft tr[data-stage="total"] td').nth(1)).not_to_have_text("0")
         expect(page.locator("#m-finished")).not_to_have_text("0")
-    finally:
         # put the mesh back, by clicking
         row("prefill-0").locator("button.drain-toggle").click()
         expect(cell("prefill-0", "state")).to_have_text("serving")
         row("decode-0").locator("select.role-select").select_option("decode")
         row("decode-0").locator("button.apply-role").click()
         expect(cell("decode-0", "role")).to_have_text("decode")
+    finally:   # whatever happened above, the next tests get the mesh as it was
+        requests.post(disagg.url + "/admin/workers/prefill-0/drain", json={"enable": False})
+        requests.post(disagg.url + "/admin/workers/decode-0/role", json={"role": "decode"})
     expect(page.locator("#gw-mode")).to_have_text("disaggregated")
     assert {w: (v["role"], v["draining"]) for w, v in workers(disagg).items()} == {
         "prefill-0": ("prefill", False), "decode-0": ("decode", False)}
     expect(page.locator("#banner")).to_be_hidden()
+    expect(page.locator("#action-error")).to_be_hidden()
     assert errors == []
     page.close()
     wait_idle(disagg)
@@ -182,13 +231,18 @@ def test_console_in_a_real_browser(disagg, browser):
 
 def test_console_shows_a_failed_action(disagg, browser):
     """An action the gateway refuses (here: on a worker it no longer knows, as from a page
-    left open while that worker went away) shows the gateway's message in the banner."""
+    left open while that worker went away) shows the gateway's message, and it stays
+    there while the page keeps polling."""
     from playwright.sync_api import expect
     page = browser.new_page()
     page.goto(disagg.admin_url)
     expect(page.locator('#workers tr[data-worker="decode-0"]')).to_have_count(1)
     # act on a worker id the gateway does not know, as a stale page would
     page.evaluate("""() => act("gone-7", "role", {role: "decode"}, document.createElement("button"))""")
-    expect(page.locator("#banner")).to_be_visible()
-    expect(page.locator("#banner")).to_contain_text("gone-7")
+    expect(page.locator("#action-error")).to_be_visible()
+    expect(page.locator("#action-error")).to_contain_text("no worker 'gone-7'")
+    polls = int(page.locator("body").get_attribute("data-polls"))
+    expect(page.locator("body")).not_to_have_attribute("data-polls", str(polls))  # polled again
+    expect(page.locator("#action-error")).to_contain_text("gone-7")
+    expect(page.locator("#banner")).to_be_hidden()
     page.close()

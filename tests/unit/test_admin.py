@@ -77,3 +77,29 @@ def test_console_answers_when_the_mesh_is_down_and_checks_its_token(tmp_path):
 def test_sources_reject_a_bad_gateway_url():
     with pytest.raises(ValueError, match="gateway_url='localhost:8000'"):
         Sources("localhost:8000")
+
+
+def test_token_and_host_checks_never_crash(tmp_path):
+    sources = Sources(f"http://127.0.0.1:{_dead_port()}", timeout_s=0.3)
+    try:
+        client = create_app(sources, token="s3cret", allowed_hosts=("duet.internal",)).test_client()
+        auth = {"Authorization": "Bearer s3cret"}
+        # a non-ASCII token is simply wrong, not a server error
+        r = client.get("/api/status", headers={"Authorization": "Bearer s3crét"})
+        assert r.status_code == 401
+        assert client.get("/api/status", headers={**auth, "Host": "duet.internal:8001"}).status_code == 200
+        r = client.get("/api/status", headers={**auth, "Host": "rebound.example"})
+        assert r.status_code == 403 and "rebound.example" in r.get_json()["error"]["message"]
+    finally:
+        sources.close()
+
+
+def test_a_bad_key_dir_is_reported_on_every_read(tmp_path):
+    sources = Sources(f"http://127.0.0.1:{_dead_port()}", kvstore_addr=f"ipc://{tmp_path}/kv.sock",
+                      curve_dir=str(tmp_path / "no-keys"), timeout_s=0.3)
+    try:
+        for _ in range(2):   # the same clear error the second time, not a half-built client
+            err = sources.snapshot()["kvstore"]["error"]
+            assert err.startswith("FileNotFoundError") and "no-keys" in err
+    finally:
+        sources.close()
