@@ -71,13 +71,19 @@ def _need(value, key: str, flag: str):
     return info["addr"][key] if key in ("kvstore", "tokenizer", "gateway") else info[key]
 
 
-def _curve(curve_dir: str | None, insecure: bool):
-    """Client keys: --curve-dir, else the running mesh's; none with --insecure."""
+def _curve_dir(curve_dir: str | None, insecure: bool) -> str | None:
+    """The key dir to use: --curve-dir, else the running mesh's; none with --insecure."""
     if insecure:
         return None
     if curve_dir is None:
         info = running_mesh()
         curve_dir = info.get("curve_dir") if info else None
+    return curve_dir or None
+
+
+def _curve(curve_dir: str | None, insecure: bool):
+    """Client keys (a CurveConfig) from _curve_dir, or None."""
+    curve_dir = _curve_dir(curve_dir, insecure)
     if not curve_dir:
         return None
     from shared.transport import CurveConfig
@@ -266,13 +272,9 @@ def status(url, kvstore_addr, tokenizer_addr, curve_dir, insecure, timeout_s, as
     """The whole mesh at a glance: what the admin console shows, in the terminal."""
     from services.admin.sources import Sources
     info = running_mesh() or {"addr": {}}
-    if insecure:
-        curve_dir = None
-    elif curve_dir is None:
-        curve_dir = info.get("curve_dir")
     src = Sources(gateway_url(url), kvstore_addr or info["addr"].get("kvstore"),
-                  tokenizer_addr or info["addr"].get("tokenizer"), curve_dir=curve_dir,
-                  timeout_s=timeout_s)
+                  tokenizer_addr or info["addr"].get("tokenizer"),
+                  curve_dir=_curve_dir(curve_dir, insecure), timeout_s=timeout_s)
     try:
         snap = src.snapshot()
     finally:

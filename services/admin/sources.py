@@ -112,19 +112,26 @@ class Sources:
                 self._curve, self._ctx = curve, make_context()
             return self._ctx, self._curve
 
+    def _status(self, attr: str, lock: threading.Lock, make) -> dict:
+        """status() of the client kept in self.<attr> (made by make(ctx, curve) on first
+        use); a failed call drops the client, so a timed-out exchange starts clean."""
+        with lock:
+            ctx, curve = self._clients()
+            client = getattr(self, attr)
+            if client is None:
+                client = make(ctx, curve)
+                setattr(self, attr, client)
+            try:
+                return client.status()
+            except BaseException:
+                client.close()
+                setattr(self, attr, None)
+                raise
+
     def kvstore_status(self) -> dict:
         from services.kvstore.client import KVStoreClient
-        with self._kv_lock:
-            ctx, curve = self._clients()
-            if self._kv is None:
-                self._kv = KVStoreClient(ctx, self.kvstore_addr, self._identity, curve=curve,
-                                         timeout_s=self.timeout_s)
-            try:
-                data = self._kv.status()
-            except BaseException:
-                self._kv.close()   # a timed-out REQ/DEALER exchange: start clean next time
-                self._kv = None
-                raise
+        data = self._status("_kv", self._kv_lock, lambda ctx, curve: KVStoreClient(
+            ctx, self.kvstore_addr, self._identity, curve=curve, timeout_s=self.timeout_s))
         stats = data.get("stats", {})
         looked = stats.get("lookup_tokens", 0)
         return {"stats": stats, "idle": data.get("idle"), "dtype": data.get("dtype"),
@@ -135,17 +142,8 @@ class Sources:
 
     def tokenizer_status(self) -> dict:
         from services.tokenizer.client import TokenizerClient
-        with self._tok_lock:
-            ctx, curve = self._clients()
-            if self._tok is None:
-                self._tok = TokenizerClient(ctx, self.tokenizer_addr, timeout_s=self.timeout_s,
-                                            curve=curve)
-            try:
-                return self._tok.status()
-            except BaseException:
-                self._tok.close()
-                self._tok = None
-                raise
+        return self._status("_tok", self._tok_lock, lambda ctx, curve: TokenizerClient(
+            ctx, self.tokenizer_addr, timeout_s=self.timeout_s, curve=curve))
 
     # -- everything at once ------------------------------------------------------------------
     def snapshot(self) -> dict:

@@ -139,17 +139,14 @@ class MeshBackend:
     def set_role(self, worker_id: str, role: str) -> None:
         if role not in ("prefill", "decode", "both"):
             raise ValueError(f"role={role!r} must be prefill, decode or both")
-        if not any(w.worker_id == worker_id for w in list(self.router.workers.values())):
-            raise KeyError(f"no worker {worker_id!r}")
         self._submit_and_wait(("role", worker_id, role))
 
     def set_drain(self, worker_id: str, enable: bool) -> None:
         """Stop (enable) or resume routing new requests to a worker; the ones it holds
-        finish. The worker is told too, and reports it in its status."""
+        finish. The worker is told too, and reports it in its status. The broker thread,
+        which owns the worker table, raises KeyError for an unknown worker."""
         if not isinstance(enable, bool):
             raise ValueError(f"enable={enable!r} must be true or false")
-        if not any(w.worker_id == worker_id for w in list(self.router.workers.values())):
-            raise KeyError(f"no worker {worker_id!r}")
         self._submit_and_wait(("drain", worker_id, enable))
 
     def _submit_and_wait(self, cmd: tuple, timeout_s: float = 5.0) -> None:

@@ -32,6 +32,26 @@ def region():
     assert not os.path.exists(path)
 
 
+def _in_child(target, handle):
+    """Run target(encoded handle, conn) in a fresh (spawned) process; what it sent back.
+    The child must report and exit 0 within CHILD_TIMEOUT_S; it is killed otherwise."""
+    ctx = mp.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe()
+    child = ctx.Process(target=target, args=(msgspec.msgpack.encode(handle), child_conn))
+    child.start()
+    try:
+        assert parent_conn.poll(CHILD_TIMEOUT_S), f"{target.__name__} did not report"
+        got = parent_conn.recv()
+        child.join(CHILD_TIMEOUT_S)
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+        parent_conn.close()
+    assert child.exitcode == 0
+    return got
+
+
 def _shm_child(encoded: bytes, conn) -> None:
     """Open the handle, check zero-copy, write a pattern, report back."""
     handle = msgspec.msgpack.decode(encoded, type=BufferHandle)
@@ -55,20 +75,7 @@ def test_shm_child_process_writes_parent_sees_bytes(region):
     handle = buffers.export(view)
     assert (handle.backend, handle.base, handle.offset, handle.nbytes) == ("shm", region.name, 1024, 512)
 
-    ctx = mp.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=_shm_child, args=(msgspec.msgpack.encode(handle), child_conn))
-    child.start()
-    try:
-        assert parent_conn.poll(CHILD_TIMEOUT_S), "child did not report"
-        inside, cached, child_offset = parent_conn.recv()
-        child.join(CHILD_TIMEOUT_S)
-    finally:
-        if child.is_alive():
-            child.kill()
-            child.join()
-        parent_conn.close()
-    assert child.exitcode == 0
+    inside, cached, child_offset = _in_child(_shm_child, handle)
     assert inside and cached and child_offset == 1024  # the child's view lies in its mapping
     expected = torch.arange(128, dtype=torch.int32).reshape(16, 8) * 3 + 1
     assert torch.equal(view, expected)  # no message carried the data: shared pages did
@@ -201,20 +208,8 @@ def test_cuda_ipc_two_processes():
     with pytest.raises(ValueError, match="not inside an IpcBuffer"):
         buffers.export(torch.zeros(4, device=view.device))
 
-    ctx = mp.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=_ipc_reader, args=(msgspec.msgpack.encode(handle), child_conn))
-    child.start()
-    try:
-        assert parent_conn.poll(CHILD_TIMEOUT_S), "reader did not report"
-        data, device, cached = parent_conn.recv()
-        child.join(CHILD_TIMEOUT_S)
-    finally:
-        if child.is_alive():
-            child.kill()
-            child.join()
-        parent_conn.close()
-    assert child.exitcode == 0 and cached and device.startswith("cuda")
+    data, device, cached = _in_child(_ipc_reader, handle)
+    assert cached and device.startswith("cuda")
     assert data == view.cpu().numpy().tobytes()
     del view
     buf.close()
