@@ -103,22 +103,38 @@ def unpack_kv_triton(store, cache, src_blocks, dst_blocks, layer_start=0, head_s
                  (layer_start, head_start), (0, 0), cache.shape[0], cache.shape[4])
 
 
+def _runs(src: torch.Tensor, dst: torch.Tensor):
+    """(src start, dst start, length) of the maximal runs where both ids count up by one:
+    blocks handed out together are usually adjacent, and one strided copy per run moves
+    them at near-memcpy speed where a gather would stage every byte through a temporary."""
+    s, d = src.tolist(), dst.tolist()
+    i = 0
+    while i < len(s):
+        j = i + 1
+        while j < len(s) and s[j] == s[j - 1] + 1 and d[j] == d[j - 1] + 1:
+            j += 1
+        yield s[i], d[i], j - i
+        i = j
+
+
 def pack_kv_ref(cache, store, src_blocks, dst_blocks, layer_start=0, head_start=0):
     """Torch reference (and the CPU path) of `pack_kv`."""
-    src, dst = _ids(src_blocks, cache.device), _ids(dst_blocks, store.device)
+    src, dst = _ids(src_blocks, "cpu"), _ids(dst_blocks, "cpu")
     _check(cache, store, src, dst, layer_start, head_start)
     L, H = cache.shape[0], cache.shape[4]
-    blocks = cache[:, :, src].permute(2, 0, 1, 3, 4, 5)  # [n, L, 2, bs, H, D]
-    store[dst, layer_start:layer_start + L, :, :, head_start:head_start + H] = blocks.to(store)
+    for s0, d0, n in _runs(src, dst):
+        store[d0:d0 + n, layer_start:layer_start + L, :, :, head_start:head_start + H] = \
+            cache[:, :, s0:s0 + n].permute(2, 0, 1, 3, 4, 5)     # [n, L, 2, bs, H, D]
 
 
 def unpack_kv_ref(store, cache, src_blocks, dst_blocks, layer_start=0, head_start=0):
     """Torch reference (and the CPU path) of `unpack_kv`."""
-    src, dst = _ids(src_blocks, store.device), _ids(dst_blocks, cache.device)
+    src, dst = _ids(src_blocks, "cpu"), _ids(dst_blocks, "cpu")
     _check(cache, store, src, dst, layer_start, head_start)
     L, H = cache.shape[0], cache.shape[4]
-    blocks = store[src, layer_start:layer_start + L, :, :, head_start:head_start + H]  # [n, L, 2, bs, H, D]
-    cache[:, :, dst] = blocks.permute(1, 2, 0, 3, 4, 5).to(cache)
+    for s0, d0, n in _runs(src, dst):
+        cache[:, :, d0:d0 + n] = store[s0:s0 + n, layer_start:layer_start + L, :, :,
+                                       head_start:head_start + H].permute(1, 2, 0, 3, 4, 5)
 
 
 def pack_kv(cache, store, src_blocks: Blocks, dst_blocks: Blocks, layer_start: int = 0, head_start: int = 0):

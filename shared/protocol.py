@@ -28,8 +28,17 @@ MAX_PAYLOAD_FRAMES = 64
 
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
-Role = Literal["prefill", "decode", "both"]
-FinishReason = Literal["stop", "length", "abort", "error"]
+
+# One vocabulary for the whole mesh: every service imports these, none spells them again.
+ROLES = ("prefill", "decode", "both")
+FINISH_REASONS = ("stop", "length", "abort", "error")
+OK_FINISH_REASONS = ("stop", "length")
+# Stages of time-to-first-token, in request order (the keys of every `timings` map). A
+# disaggregated request's kv_handoff and decode_queue follow token 1 (they delay token 2).
+TTFT_STAGES = ("gateway_queue", "tokenize", "prefill_queue", "prefill_compute",
+               "kv_handoff", "decode_queue")
+Role = Literal[ROLES]  # type: ignore[valid-type]
+FinishReason = Literal[FINISH_REASONS]  # type: ignore[valid-type]
 
 
 class ProtocolError(ValueError):
@@ -287,13 +296,24 @@ class KVAllocate(Msg, tag="kvalloc"):
     lease_id: NonNeg | None = None
 
 
+class KVAcquire(Msg, tag="kvacq"):
+    """Prefill's one round trip: pin the longest cached prefix of token_ids and add
+    fresh blocks for the rest of them, under one new lease (answered with KVLease,
+    num_cached_tokens set; or ErrorReply 'no_blocks', nothing held then)."""
+
+    request_id: str
+    token_ids: list[int]
+
+
 class KVLease(Msg, tag="kvlease"):
-    """A lease's blocks, in request order (prefix hits first)."""
+    """A lease's blocks, in request order (prefix hits first, covering
+    num_cached_tokens tokens when the lease came from KVAcquire)."""
 
     request_id: str
     lease_id: NonNeg
     block_ids: list[NonNeg]
     generations: list[NonNeg]
+    num_cached_tokens: NonNeg = 0
 
     def __post_init__(self) -> None:
         _check_generations(self)
@@ -400,7 +420,7 @@ MESSAGES: tuple[type[Msg], ...] = (
     ErrorReply, Ack, StatusRequest, StatusReply,
     Register, Heartbeat, Ping, Goodbye, SetRole, Drain,
     PrefillRequest, PrefillDone, DecodeRequest, TokenBatch, Abort,
-    KVPoolQuery, KVPoolInfo, KVLookup, KVLookupReply, KVAllocate, KVLease,
+    KVPoolQuery, KVPoolInfo, KVLookup, KVLookupReply, KVAcquire, KVAllocate, KVLease,
     KVCommit, KVClaim, KVRelease, KVRenew, KVStats, KVStatsReply,
     TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply,
 )

@@ -103,13 +103,14 @@ def send_msg(sock: zmq.Socket, msg: Msg, identity: bytes | None = None,
     return True
 
 
-def recv_msg(sock: zmq.Socket, flags: int = 0,
-             max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> tuple[bytes | None, Msg] | None:
+def recv_msg(sock: zmq.Socket, flags: int = 0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+             answer_invalid: bool | None = None) -> tuple[bytes | None, Msg] | None:
     """Receive one message: (sender identity or None on a DEALER, message).
 
     An invalid message never raises: it is logged, answered with
-    ErrorReply(code='bad_message') when the sender is known (ROUTER), and
-    None is returned. zmq.Again propagates when flags=zmq.NOBLOCK.
+    ErrorReply(code='bad_message') when answer_invalid (default: on a ROUTER, to its
+    sender; a DEALER that is not a strict request/reply client may opt in, answering
+    its one peer), and None is returned. zmq.Again propagates when flags=zmq.NOBLOCK.
     """
     frames = sock.recv_multipart(flags, copy=False)
     identity = None
@@ -119,8 +120,10 @@ def recv_msg(sock: zmq.Socket, flags: int = 0,
         return identity, decode(frames, max_frame_bytes)
     except ProtocolError as e:
         log.warning("rejected message from %r (request %s): %s", identity, e.request_id, e)
-        if identity is not None:
-            send_msg(sock, ErrorReply(code="bad_message", message=str(e), request_id=e.request_id), identity)
+        answer = sock.type == zmq.ROUTER if answer_invalid is None else answer_invalid
+        if answer:
+            send_msg(sock, ErrorReply(code="bad_message", message=str(e), request_id=e.request_id),
+                     identity)
         return None
 
 

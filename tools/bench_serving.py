@@ -24,8 +24,7 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-STAGES = ("gateway_queue", "tokenize", "prefill_queue", "prefill_compute", "kv_handoff",
-          "decode_queue")
+from shared.protocol import TTFT_STAGES as STAGES  # noqa: E402
 
 
 def pct(xs, p):
@@ -157,7 +156,7 @@ def main():
     a = ap.parse_args()
     from shared.config import EngineConfig
     from shared.models.hub import resolve_model
-    from tests.integration.mesh_util import start_mesh
+    from tools.up import start_mesh
     model_dir = resolve_model("smollm2")
     dtype = EngineConfig(dtype=a.dtype).resolved_dtype()
     mix = ([int(x) for x in a.prompt_repeats.split(",")], [int(x) for x in a.output_lens.split(",")])

@@ -7,6 +7,8 @@ import time
 
 import click
 
+from shared.protocol import ROLES
+
 
 @click.group()
 def main():
@@ -43,7 +45,7 @@ def _params(temperature, max_tokens, top_p=1.0, top_k=0, seed=None, stop=()):
 
 def _stream(engine, prompt_ids, params, echo=True) -> tuple[list[int], str]:
     """Run one request on the in-process engine, printing text as it arrives."""
-    from shared.engine.outputs import TextStream
+    from services.gateway.text_stream import TextStream
     rid = f"cli-{time.monotonic_ns()}"
     engine.add_request(rid, prompt_ids, params)
     stream = TextStream(engine.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
@@ -218,7 +220,7 @@ def worker_list(url, api_key):
 
 @worker.command("role")
 @click.argument("worker_id")
-@click.argument("role", type=click.Choice(["prefill", "decode", "both"]))
+@click.argument("role", type=click.Choice(ROLES))
 @click.option("--url", default=None, help=_URL_HELP)
 @_api_key
 def worker_role(worker_id, role, url, api_key):

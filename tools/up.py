@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -165,6 +166,31 @@ class Mesh:
                 p.wait()
         self.procs.clear()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mesh(model_dir, log_dir, **kw) -> Mesh:
+    """A mesh on free ports, started and ready (for tests and benchmarks: fp32 and small
+    pools unless told otherwise); stopped again if it never gets ready."""
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("kv_blocks", 512)
+    kw.setdefault("worker_blocks", 512)
+    kw.setdefault("heartbeat_s", 0.5)
+    kw.setdefault("admin_port", free_port())
+    mesh = Mesh(model=str(model_dir), port=free_port(), log_dir=str(log_dir), **kw)
+    try:
+        mesh.start()
+        mesh.wait_ready(timeout_s=180)
+    except BaseException:
+        mesh.stop()
+        raise
+    return mesh
 
 
 def run_up(mesh: Mesh) -> int:

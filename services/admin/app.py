@@ -20,6 +20,7 @@ from importlib import resources
 from flask import Flask, Response, jsonify, request
 
 from services.admin.sources import ActionError, Sources
+from shared.protocol import ROLES
 
 
 def create_app(sources: Sources, token: str | None = None,

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# the TTFT stages in the order a request meets them (DESIGN §3, Metrics and status)
-STAGES = ("gateway_queue", "tokenize", "prefill_queue", "prefill_compute", "kv_handoff",
-          "decode_queue")
+from shared.protocol import TTFT_STAGES as STAGES
 
 
 class ActionError(Exception):

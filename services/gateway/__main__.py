@@ -27,7 +27,7 @@ def main(model, served_model_name, router_addr, tokenizer_addrs, kvstore_addr, h
     from shared.models.hub import resolve_model
     from services.gateway.admin_routes import admin_blueprint
     from services.gateway.app import create_app
-    from services.gateway.mesh_backend import MeshBackend
+    from services.gateway.broker_client import BrokerClient
     from services.gateway.server import serve
 
     import resource
@@ -35,7 +35,7 @@ def main(model, served_model_name, router_addr, tokenizer_addrs, kvstore_addr, h
     if soft < hard:   # one fd per client connection: hundreds of streams need headroom
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     keys = {k.strip() for k in api_keys.split(",") if k.strip()} if api_keys else None
-    backend = MeshBackend(resolve_model(model), router_addr, list(tokenizer_addrs),
+    backend = BrokerClient(resolve_model(model), router_addr, list(tokenizer_addrs),
                           kvstore_addr or None, heartbeat_s=heartbeat_s, curve_dir=curve_dir,
                           model_name=served_model_name or model)
     app = create_app(backend, api_keys=keys)

@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException
 from services.gateway.backend import Backend, Overloaded
 from services.gateway.generation import ClientGone, GenerationFailed, GenerationRun
 from services.gateway.http_metrics import GatewayMetrics
-from services.gateway.openai_api import (ApiError, GenerationRequest, completion_logprobs,
+from services.gateway.openai_api import (ApiError, CompletionRequest, completion_logprobs,
                                          chat_logprobs, new_response_id, now, parse_chat,
                                          parse_completion, response_body, stream_chunk,
                                          usage_chunk)
@@ -128,7 +128,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
     def chat_completions():
         return generate(parse_chat(json_body(), backend.model_name))
 
-    def generate(req: GenerationRequest):
+    def generate(req: CompletionRequest):
         rid = g.request_id = new_response_id(req.endpoint)
         t_tok = time.monotonic()
         prompt_ids = req.prompt_ids
@@ -160,7 +160,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
         return jsonify(response_body(req, rid, created_at, choices, len(prompt_ids),
                                      token_text))
 
-    def resolve_max_tokens(req: GenerationRequest, prompt_len: int) -> int:
+    def resolve_max_tokens(req: CompletionRequest, prompt_len: int) -> int:
         limit = backend.max_model_len
         param = "messages" if req.messages is not None else "prompt"
         if prompt_len == 0:

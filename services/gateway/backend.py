@@ -1,7 +1,8 @@
 """The contract between the HTTP layer and whatever generates tokens.
 
-`LocalBackend` runs an in-process LLMEngine; the mesh backend brokers prefill and decode
-workers over ZeroMQ. The HTTP layer knows only this module.
+`LocalBackend` runs an in-process LLMEngine; `BrokerClient` hands requests to the broker
+thread that routes them to prefill and decode workers over ZeroMQ. The HTTP layer knows
+only this module.
 """
 from __future__ import annotations
 
@@ -9,14 +10,11 @@ from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 from shared.engine.sampling_params import SamplingParams
-
-# Stages of time-to-first-token, in request order (GenEvent.timings keys).
-TTFT_STAGES = ("gateway_queue", "tokenize", "prefill_queue", "prefill_compute",
-               "kv_handoff", "decode_queue")
+from shared.protocol import TTFT_STAGES  # noqa: F401  (the keys of GenEvent.timings)
 
 
 @dataclass
-class GenRequest:
+class ChoiceRequest:
     """One choice of one HTTP request. params.n is always 1: the HTTP layer fans a
     request with n choices out as n GenRequests (seed + i when seeded)."""
     request_id: str
@@ -61,7 +59,7 @@ class Backend(Protocol):
                  messages: list[dict] | None = None,
                  add_generation_prompt: bool = True) -> list[int]: ...
 
-    def generate(self, req: GenRequest) -> Iterator[GenEvent]: ...
+    def generate(self, req: ChoiceRequest) -> Iterator[GenEvent]: ...
 
     def abort(self, request_id: str) -> None: ...
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator
 
-from services.gateway.backend import Backend, GenEvent, GenRequest
+from services.gateway.backend import Backend, ChoiceRequest, GenEvent
 from services.gateway.http_metrics import GatewayMetrics
-from services.gateway.openai_api import ChoiceResult, GenerationRequest
-from shared.engine.outputs import TextStream
+from services.gateway.openai_api import ChoiceResult, CompletionRequest
+from services.gateway.text_stream import TextStream
+from shared.protocol import OK_FINISH_REASONS
 
-_OK_REASONS = ("stop", "length")
 
 
 class GenerationFailed(Exception):
@@ -95,7 +95,7 @@ class GenerationRun:
     all are done, close() ends the run exactly once (idempotent)."""
 
     def __init__(self, backend: Backend, tokenizer, metrics: GatewayMetrics,
-                 req: GenerationRequest, request_id: str, prompt_ids: list[int],
+                 req: CompletionRequest, request_id: str, prompt_ids: list[int],
                  max_tokens: int, arrival: float, t0: float, gateway_timings: dict):
         self.backend, self.tokenizer, self.metrics = backend, tokenizer, metrics
         self.req, self.request_id, self.prompt_ids = req, request_id, prompt_ids
@@ -110,7 +110,7 @@ class GenerationRun:
         try:
             for i in range(self.req.n):
                 params = self.req.choice_params(i, self.max_tokens)
-                events = self.backend.generate(GenRequest(
+                events = self.backend.generate(ChoiceRequest(
                     f"{self.request_id}-{i}", self.prompt_ids, params, self.arrival))
                 stream = TextStream(self.tokenizer, self.prompt_ids, params.stop,
                                     params.skip_special_tokens)
@@ -167,7 +167,8 @@ class GenerationRun:
                 c.close()
         self.metrics.running.dec()
         if ok is None:
-            ok = bool(self.choices) and all(c.finish_reason in _OK_REASONS for c in self.choices)
+            ok = bool(self.choices) and all(c.finish_reason in OK_FINISH_REASONS
+                                           for c in self.choices)
         ttfts = [c.first_at - self.t0 for c in self.choices if c.first_at is not None]
         tpots = [t for t in (c.tpot() for c in self.choices) if t is not None]
         for t in tpots:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.gateway.backend import GenEvent, GenRequest, Overloaded
+from services.gateway.backend import ChoiceRequest, GenEvent, Overloaded
 from shared.engine.engine import LLMEngine
 from shared.protocol import TokenLogprobs
 
@@ -73,10 +73,10 @@ class LocalBackend:
         except Exception as e:  # jinja2 errors, wrong types inside messages
             raise ValueError(f"cannot apply the chat template: {e}") from None
 
-    def generate(self, req: GenRequest) -> "_EventStream":
+    def generate(self, req: ChoiceRequest) -> "_EventStream":
         """Admit `req` now (ValueError / Overloaded raised here) and return its events."""
         if req.params.n != 1:
-            raise ValueError(f"GenRequest params.n={req.params.n}: the HTTP layer fans out "
+            raise ValueError(f"ChoiceRequest params.n={req.params.n}: the HTTP layer fans out "
                              "choices, so n must be 1")
         self.engine.check_prompt(req.prompt_ids, req.params)  # read-only: safe off-thread
         with self._lock:
@@ -138,7 +138,7 @@ class LocalBackend:
             else:
                 self._end(cmd[1], GenEvent([], finish_reason="abort"))
 
-    def _add(self, req: GenRequest, events: queue.Queue, submitted: float) -> None:
+    def _add(self, req: ChoiceRequest, events: queue.Queue, submitted: float) -> None:
         try:
             self.engine.add_request(req.request_id, req.prompt_ids, req.params)
         except ValueError as e:

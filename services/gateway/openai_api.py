@@ -1,6 +1,6 @@
 """OpenAI request bodies in (validated into SamplingParams), OpenAI response bodies out.
 
-parse_completion / parse_chat turn a decoded JSON body into a GenerationRequest or raise
+parse_completion / parse_chat turn a decoded JSON body into a CompletionRequest or raise
 ApiError (status, message naming the bad value, param). Everything else about OpenAI's
 wire format (ids, chunks, usage, both logprobs shapes) is built here too, so app.py only
 moves data.
@@ -36,7 +36,7 @@ class ApiError(Exception):
 
 
 @dataclass
-class GenerationRequest:
+class CompletionRequest:
     """A validated /v1/completions or /v1/chat/completions body.
 
     Exactly one of prompt (text), prompt_ids or messages is set. params has n=1 and the
@@ -231,7 +231,7 @@ def _sampling(body: dict, endpoint: str) -> tuple[SamplingParams, int | None]:
     return params, max_tokens
 
 
-def _parse(body: Any, served_model: str, endpoint: str) -> GenerationRequest:
+def _parse(body: Any, served_model: str, endpoint: str) -> CompletionRequest:
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {_kind(body)}")
     model = _model(body, served_model)
@@ -249,16 +249,16 @@ def _parse(body: Any, served_model: str, endpoint: str) -> GenerationRequest:
     include_usage = _get(options or {}, "include_usage", "bool", False)
     n = params.n
     params = dataclasses.replace(params, n=1)
-    return GenerationRequest(endpoint, model, params, n, max_tokens, prompt, prompt_ids,
+    return CompletionRequest(endpoint, model, params, n, max_tokens, prompt, prompt_ids,
                              messages, stream, include_usage, _get(body, "user", "str"))
 
 
-def parse_completion(body: Any, served_model: str) -> GenerationRequest:
+def parse_completion(body: Any, served_model: str) -> CompletionRequest:
     """Validate a /v1/completions body; ApiError on anything wrong."""
     return _parse(body, served_model, "completions")
 
 
-def parse_chat(body: Any, served_model: str) -> GenerationRequest:
+def parse_chat(body: Any, served_model: str) -> CompletionRequest:
     """Validate a /v1/chat/completions body; ApiError on anything wrong."""
     return _parse(body, served_model, "chat")
 
@@ -318,7 +318,7 @@ def chat_logprobs(token_text: Callable[[int], str], token_ids: list[int], logpro
                         for t, lp in zip(token_ids, logprobs)]}
 
 
-def response_body(req: GenerationRequest, rid: str, created: int, choices: list[ChoiceResult],
+def response_body(req: CompletionRequest, rid: str, created: int, choices: list[ChoiceResult],
                   prompt_tokens: int, token_text: Callable[[int], str]) -> dict:
     """The non-streaming response for either endpoint."""
     out = []
@@ -339,7 +339,7 @@ def response_body(req: GenerationRequest, rid: str, created: int, choices: list[
     return body
 
 
-def stream_chunk(req: GenerationRequest, rid: str, created: int, index: int,
+def stream_chunk(req: CompletionRequest, rid: str, created: int, index: int,
                  text: str | None, finish_reason: str | None = None,
                  logprobs: dict | None = None, role: bool = False) -> dict:
     """One SSE chunk for one choice: completions text, or a chat delta (role=True gives
@@ -360,7 +360,7 @@ def stream_chunk(req: GenerationRequest, rid: str, created: int, index: int,
     return body
 
 
-def usage_chunk(req: GenerationRequest, rid: str, created: int, prompt_tokens: int,
+def usage_chunk(req: CompletionRequest, rid: str, created: int, prompt_tokens: int,
                 completion_tokens: int) -> dict:
     """The last chunk when stream_options.include_usage: no choices, just usage."""
     body = _envelope(req.endpoint, rid, created, req.model, True)

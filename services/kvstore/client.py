@@ -1,103 +1,23 @@
-"""Talking to the KV store: a synchronous client, and opening its pool.
+"""KVStoreClient: the KV store over ZeroMQ, as a KVStorePort.
 
-Shared-memory layout (one POSIX shm segment, created and unlinked by the store):
-
-    offset 0                       pool   [num_blocks, num_layers, 2, block_size,
-                                           num_kv_heads, head_dim] of the pool dtype
-    offset generations_offset(..)  generations  int64 [num_blocks]
-
-generations_offset = pool nbytes rounded up to 64 bytes. KVPoolInfo.handle
-names the pool part only (offset 0); open_pool() derives the generations
-view from it. A reader copying block b, whose KVRef says generation g, checks
-generations[b] == g before AND after the copy (generations_match); a mismatch
-means the block was recycled and the copy must be discarded.
-
-KVStoreClient is one DEALER doing strict request/reply (Lazy Pirate): on a
-timeout it drops the socket and opens a fresh one, so a late reply can never
-be taken for the answer to the next request. Not thread-safe: one per thread.
+One DEALER doing strict request/reply (Lazy Pirate): on a timeout it drops the socket and
+opens a fresh one, so a late reply can never be taken for the answer to the next request.
+Not thread-safe: one per thread. The pool's layout and open_pool() are in layout.py.
 """
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-import torch
 import zmq
 
 from shared import transport
-from shared.buffers import shm
-from shared.buffers.handle import ITEMSIZE, BufferHandle
-from shared.protocol import (Ack, ErrorReply, KVAllocate, KVClaim, KVCommit, KVLease, KVLookup,
-                             KVLookupReply, KVPoolInfo, KVPoolQuery, KVRelease, KVRenew, KVStats,
-                             KVStatsReply, Msg, StatusReply, StatusRequest)
+from shared.protocol import (Ack, ErrorReply, KVAcquire, KVAllocate, KVClaim, KVCommit, KVLease,
+                             KVLookup, KVLookupReply, KVPoolInfo, KVPoolQuery, KVRelease, KVRenew,
+                             KVStats, KVStatsReply, Msg, StatusReply, StatusRequest)
+from services.kvstore.port import KVStoreError
 
-GENERATIONS_ALIGN = 64
-
-
-# ---------------------------------------------------------------- shm layout
-
-def pool_shape(num_blocks: int, num_layers: int, block_size: int, num_kv_heads: int,
-               head_dim: int) -> list[int]:
-    return [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
-
-
-def generations_offset(pool_nbytes: int) -> int:
-    """Byte offset of the int64 generations array: after the pool, 64-aligned."""
-    return -(-pool_nbytes // GENERATIONS_ALIGN) * GENERATIONS_ALIGN
-
-
-def segment_nbytes(pool_nbytes: int, num_blocks: int) -> int:
-    """Size of the whole segment: pool, padding, generations."""
-    return generations_offset(pool_nbytes) + num_blocks * ITEMSIZE["int64"]
-
-
-def generations_handle(pool: BufferHandle, num_blocks: int) -> BufferHandle:
-    """The handle of the generations array that follows the pool `pool` names."""
-    if pool.backend != "shm" or pool.offset != 0:
-        raise ValueError(f"KV pool handle must be an shm region at offset 0, got "
-                         f"backend {pool.backend!r} offset {pool.offset}")
-    return BufferHandle(backend="shm", base=pool.base, offset=generations_offset(pool.nbytes),
-                        nbytes=num_blocks * ITEMSIZE["int64"], dtype="int64", shape=[num_blocks])
-
-
-def open_pool(info: KVPoolInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pool, generations) views of the store's segment, zero-copy: the pool
-    as [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] of
-    info.dtype, generations as int64 [num_blocks]. ValueError when the handle
-    does not match the announced shape or the segment is too small."""
-    shape = pool_shape(info.num_blocks, info.num_layers, info.block_size,
-                       info.num_kv_heads, info.head_dim)
-    h = info.handle
-    if h.shape != shape or h.dtype != info.dtype:
-        raise ValueError(f"pool handle is {h.dtype} {h.shape}, KVPoolInfo announces {info.dtype} {shape}")
-    gen = generations_handle(h, info.num_blocks)
-    region = shm.ShmRegion.attach(h.base)
-    need = segment_nbytes(h.nbytes, info.num_blocks)
-    if region.nbytes < need:
-        raise ValueError(f"shm {h.base!r} has {region.nbytes} bytes, the pool and its "
-                         f"generations need {need}")
-    return shm.open(h), shm.open(gen)
-
-
-def generations_match(generations: torch.Tensor, block_ids: list[int], expected: list[int]) -> bool:
-    """True when every block still carries the generation the lease named."""
-    if len(block_ids) != len(expected):
-        raise ValueError(f"{len(block_ids)} block ids but {len(expected)} generations")
-    if not block_ids:
-        return True
-    now = generations[torch.tensor(block_ids, dtype=torch.long)]
-    return bool(torch.equal(now, torch.tensor(expected, dtype=torch.int64)))
-
-
-# ---------------------------------------------------------------- client
-
-class KVStoreError(Exception):
-    """The store refused a request (code from its ErrorReply) or did not
-    answer (code 'timeout'); str() carries its message."""
-
-    def __init__(self, code: str, message: str, request_id: str | None = None):
-        super().__init__(f"{code}: {message}")
-        self.code, self.message, self.request_id = code, message, request_id
+__all__ = ["KVStoreClient", "KVStoreError"]
 
 
 class KVStoreClient:
@@ -114,8 +34,13 @@ class KVStoreClient:
     # -- requests ------------------------------------------------------------
 
     def pool_info(self) -> KVPoolInfo:
-        """The pool's handle and shape (open it with open_pool)."""
+        """The pool's handle and shape (open it with layout.open_pool)."""
         return self._call(KVPoolQuery(), KVPoolInfo)
+
+    def acquire(self, request_id: str, token_ids: list[int]) -> KVLease:
+        """One new lease: the cached prefix of token_ids, then fresh blocks for the rest
+        (num_cached_tokens says how many came cached). KVStoreError 'no_blocks' if full."""
+        return self._call(KVAcquire(request_id=request_id, token_ids=list(token_ids)), KVLease)
 
     def lookup(self, request_id: str, token_ids: list[int]) -> KVLookupReply:
         """Longest cached prefix, pinned under a new lease (lease_id None: no hit)."""

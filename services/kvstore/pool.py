@@ -11,7 +11,8 @@ so free + cached + leased == total, and the pool is idle when leased == 0 and
 no lease is live.
 
 A lease is what a request holds: blocks pinned by lookup() (prefix hits) and
-allocate() (fresh blocks), in request order. Prefill creates it; decode
+allocate() (fresh blocks), in request order; acquire() does both at once, as
+prefill does for each prompt. Prefill creates it; decode
 claim()s it; release() returns its blocks. Every use (allocate, commit, claim)
 and renew() touches a lease; one untouched for lease_ttl_s is released by
 expire(), claimed or not: its holder died (a prefill worker renews the leases of
@@ -32,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from services.kvstore.port import KVStoreError
 from shared.engine.block_hash import chain_hash
 
 log = logging.getLogger(__name__)
@@ -40,14 +42,9 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_ID = 2**31 - 1
 
 
-class PoolError(Exception):
+class PoolError(KVStoreError):
     """A request the pool refuses. code: 'no_blocks' | 'not_found' | 'bad_request'
-    (the ErrorReply codes); str() names the bad value."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    (the ErrorReply codes); the message names the bad value."""
 
 
 @dataclass
@@ -133,6 +130,34 @@ class KVPool:
         num_tokens = len(hits) * self.block_size
         self.hit_tokens += num_tokens
         return lease.lease_id, hits, self._generations_of(hits), num_tokens
+
+    def fresh_needed(self, token_ids: list[int], hits: list[int]) -> int:
+        """Fresh blocks token_ids need beyond the cached `hits`."""
+        return -(-len(token_ids) // self.block_size) - len(hits)
+
+    def can_acquire(self, token_ids: list[int], hits: list[int]) -> bool:
+        """Room for acquire(): pinning an unpinned hit takes it out of the available ones."""
+        revived = sum(1 for b in hits if self._ref[b] == 0)
+        return self.fresh_needed(token_ids, hits) + revived <= len(self._free)
+
+    def acquire(self, request_id: str, token_ids: list[int]) -> tuple[int, list[int], list[int], int]:
+        """(lease_id, block_ids, generations, num_cached_tokens): one new lease holding
+        the cached prefix of token_ids (pinned) followed by fresh blocks for the rest, in
+        token order. PoolError 'no_blocks' when the pool cannot (nothing held then)."""
+        _check_tokens(token_ids)
+        hits = self.cached_prefix(token_ids)
+        need = self.fresh_needed(token_ids, hits)
+        if not self.can_acquire(token_ids, hits):
+            raise PoolError("no_blocks", f"request {request_id} needs {need} fresh blocks, only "
+                                         f"{len(self._free)} of {self.num_blocks} are free or evictable")
+        self.lookup_tokens += len(token_ids)
+        self.hit_tokens += len(hits) * self.block_size
+        lease = self._new_lease(request_id)
+        for bid in hits:
+            self._pin(bid)
+        lease.blocks.extend(hits + [self._take_free() for _ in range(need)])
+        return (lease.lease_id, list(lease.blocks), self._generations_of(lease.blocks),
+                len(hits) * self.block_size)
 
     def allocate(self, request_id: str, num_blocks: int,
                  lease_id: int | None = None) -> tuple[int, list[int], list[int]]:

@@ -1,9 +1,8 @@
-"""The KV-store process: one shared-memory pool, a ROUTER serving KVPool.
+"""The KV-store process: a KVStore (store.py) behind a ROUTER.
 
-The segment holds the pool tensor and, after it, the int64 generations array
-the KVPool bumps (layout and reader helper: services/kvstore/client.py,
-open_pool). KVPoolInfo.handle names the pool part; StatusReply data also
-carries 'generations', the derived handle, for readers that want it plainly.
+The segment's layout is in layout.py. KVPoolInfo.handle names the pool part;
+StatusReply data also carries 'generations', the derived handle, for readers
+that want it plainly.
 
 Every request gets exactly one reply: its answer, or ErrorReply with the
 request id ('bad_request', 'not_found', 'no_blocks', 'internal'). Frames that
@@ -16,23 +15,22 @@ import logging
 import os
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-import msgspec
 import zmq
 
 from shared import transport
 from shared.buffers.handle import ITEMSIZE, numel
-from shared.buffers.shm import SHM_DIR, ShmRegion
+from shared.buffers.shm import SHM_DIR
 from shared.models.config import ModelConfig
-from shared.protocol import (Ack, ErrorReply, KVAllocate, KVClaim, KVCommit, KVLease, KVLookup,
-                             KVLookupReply, KVPoolInfo, KVPoolQuery, KVRelease, KVRenew, KVStats,
-                             KVStatsReply, Msg, StatusReply, StatusRequest)
-from services.kvstore.client import generations_handle, generations_offset, pool_shape, segment_nbytes
+from shared.protocol import (Ack, ErrorReply, KVAcquire, KVAllocate, KVClaim, KVCommit, KVLookup,
+                             KVPoolQuery, KVRelease, KVRenew, KVStats, Msg, StatusReply,
+                             StatusRequest)
 from services.kvstore.config import KVStoreConfig
-from services.kvstore.pool import KVPool, PoolError
+from services.kvstore.layout import pool_shape, segment_nbytes
+from services.kvstore.pool import PoolError
+from services.kvstore.store import KVStore
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ MAX_BATCH = 256  # messages served per wake-up before expiry gets a look-in
 
 
 class KVStoreService:
-    """Owns the shm segment, the pool and the ROUTER; run() serves until stop()."""
+    """A KVStore behind a ROUTER; run() serves until stop()."""
 
     def __init__(self, config: KVStoreConfig, ctx: zmq.Context | None = None):
         self.config = config
@@ -48,24 +46,17 @@ class KVStoreService:
         self.dtype = config.resolved_dtype()
         shape = pool_shape(config.num_blocks, model.num_layers, config.block_size,
                            model.num_kv_heads, model.head_dim)
-        pool_nbytes = numel(shape) * ITEMSIZE[self.dtype]
-        total = segment_nbytes(pool_nbytes, config.num_blocks)
-        _check_shm_space(total, config.num_blocks)
+        _check_shm_space(segment_nbytes(numel(shape) * ITEMSIZE[self.dtype], config.num_blocks),
+                         config.num_blocks)
         self._own_ctx = ctx is None
         self.ctx = ctx
         self.sock: zmq.Socket | None = None
         self._metrics: _Metrics | None = None
         self._stop = threading.Event()
-        self.region = ShmRegion.create(f"duet-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}", total)
+        self.store = KVStore(config.num_blocks, config.block_size, model.num_layers,
+                             model.num_kv_heads, model.head_dim, self.dtype, config.lease_ttl_s)
         try:
             self.ctx = ctx or transport.make_context()
-            self.kv = self.region.tensor(self.dtype, shape)
-            gens = self.region.tensor("int64", [config.num_blocks], generations_offset(pool_nbytes))
-            self.pool = KVPool(config.num_blocks, config.block_size, config.lease_ttl_s, generations=gens)
-            self.info = KVPoolInfo(handle=self.region.export(self.kv), num_blocks=config.num_blocks,
-                                   num_layers=model.num_layers, block_size=config.block_size,
-                                   num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
-                                   dtype=self.dtype)
             self.sock = _bind(self.ctx, config)
             self.address = transport.endpoint(self.sock)
             if config.metrics_port is not None:
@@ -73,14 +64,31 @@ class KVStoreService:
         except BaseException:
             self.close()
             raise
+        st = self.store
         self._handlers: dict[type, Callable[[Any], Msg]] = {
-            KVPoolQuery: lambda m: self.info, KVLookup: self._lookup, KVAllocate: self._allocate,
-            KVCommit: self._commit, KVClaim: self._claim, KVRelease: self._release, KVRenew: self._renew,
-            KVStats: lambda m: KVStatsReply(**self.pool.stats()), StatusRequest: self._status,
+            KVPoolQuery: lambda m: st.info,
+            KVAcquire: lambda m: st.acquire(m.request_id, m.token_ids),
+            KVLookup: lambda m: st.lookup(m.request_id, m.token_ids),
+            KVAllocate: lambda m: st.allocate(m.request_id, m.num_blocks, m.lease_id),
+            KVCommit: lambda m: _ack(m, st.commit(m.request_id, m.lease_id, m.block_ids, m.token_ids)),
+            KVClaim: lambda m: st.claim(m.request_id, m.lease_id),
+            KVRelease: lambda m: _ack(m, st.release(m.request_id, m.lease_id)),
+            KVRenew: lambda m: _ack(m, st.renew(m.lease_ids)),
+            KVStats: lambda m: st.stats(),
+            StatusRequest: lambda m: StatusReply(service="kvstore",
+                                                 data={"address": self.address, **st.status()}),
         }
         log.info("kvstore on %s: %d blocks of %d tokens, %s %s, shm %s (%.2f MiB), lease ttl %gs",
                  self.address, config.num_blocks, config.block_size, self.dtype, shape,
-                 self.region.name, total / 2**20, config.lease_ttl_s)
+                 st.segment.name, st.segment.nbytes / 2**20, config.lease_ttl_s)
+
+    @property
+    def pool(self):
+        return self.store.pool
+
+    @property
+    def info(self):
+        return self.store.info
 
     # ---------------------------------------------------------------- loop
 
@@ -118,7 +126,7 @@ class KVStoreService:
         return served
 
     def expire(self) -> int:
-        n = self.pool.expire()
+        n = self.store.expire()
         if n:
             self._update_metrics()
         return n
@@ -140,46 +148,6 @@ class KVStoreService:
             log.exception("request %s: %s failed", rid, type(msg).__name__)
             return ErrorReply(code="internal", message=f"{type(e).__name__}: {e}", request_id=rid)
 
-    # ---------------------------------------------------------------- handlers
-
-    def _lookup(self, m: KVLookup) -> KVLookupReply:
-        lease, blocks, gens, n = self.pool.lookup(m.request_id, m.token_ids)
-        log.debug("request %s: lookup %d tokens, %d cached (lease %s)", m.request_id, len(m.token_ids), n, lease)
-        return KVLookupReply(request_id=m.request_id, lease_id=lease, block_ids=blocks,
-                             generations=gens, num_tokens=n)
-
-    def _allocate(self, m: KVAllocate) -> KVLease:
-        lease, blocks, gens = self.pool.allocate(m.request_id, m.num_blocks, m.lease_id)
-        log.debug("request %s: allocated %d blocks to lease %d", m.request_id, len(blocks), lease)
-        return KVLease(request_id=m.request_id, lease_id=lease, block_ids=blocks, generations=gens)
-
-    def _commit(self, m: KVCommit) -> Ack:
-        added = self.pool.commit(m.lease_id, m.block_ids, m.token_ids)
-        log.debug("request %s: lease %d committed, %d blocks indexed", m.request_id, m.lease_id, added)
-        return Ack(request_id=m.request_id)
-
-    def _claim(self, m: KVClaim) -> KVLease:
-        blocks, gens = self.pool.claim(m.lease_id)
-        log.debug("request %s: claimed lease %d", m.request_id, m.lease_id)
-        return KVLease(request_id=m.request_id, lease_id=m.lease_id, block_ids=blocks, generations=gens)
-
-    def _renew(self, m: KVRenew) -> Ack:
-        self.pool.renew(m.lease_ids)
-        return Ack(request_id=m.request_id)
-
-    def _release(self, m: KVRelease) -> Ack:
-        n = self.pool.release(m.lease_id)
-        log.debug("request %s: released lease %d (%d blocks)", m.request_id, m.lease_id, n)
-        return Ack(request_id=m.request_id)
-
-    def _status(self, m: StatusRequest) -> StatusReply:
-        gen = generations_handle(self.info.handle, self.info.num_blocks)
-        return StatusReply(service="kvstore", data={
-            "address": self.address, "stats": self.pool.stats(), "idle": self.pool.idle(),
-            "ledger": self.pool.ledger(), "dtype": self.dtype,
-            "pool": msgspec.to_builtins(self.info.handle), "generations": msgspec.to_builtins(gen),
-        })
-
     # ---------------------------------------------------------------- lifetime
 
     def _update_metrics(self) -> None:
@@ -198,10 +166,14 @@ class KVStoreService:
         if self._own_ctx and self.ctx is not None:
             transport.close_context(self.ctx)
             self.ctx = None
-        if self.region.owner:
-            self.region.unlink()
-            self.region.close()
-            log.info("kvstore closed; shm %s unlinked", self.region.name)
+        if self.store is not None:
+            self.store.close()
+            log.info("kvstore closed; shm %s unlinked", self.store.segment.name)
+            self.store = None
+
+
+def _ack(m: Msg, _done: None) -> Ack:
+    return Ack(request_id=m.request_id)
 
 
 def _check_shm_space(nbytes: int, num_blocks: int) -> None:

@@ -6,7 +6,8 @@ import logging
 import click
 
 from shared.config import EngineConfig
-from services.worker.config import ROLES, WorkerConfig
+from services.worker.config import WorkerConfig
+from shared.protocol import ROLES
 
 
 def worker_command(default_role: str):

@@ -6,8 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from shared.config import EngineConfig
-
-ROLES = ("prefill", "decode", "both")
+from shared.protocol import ROLES
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from shared.config import EngineConfig
 from shared.engine.block_manager import BlockManager, blocks_for
 from shared.engine.kv_cache import LocalKVCache
-from shared.engine.model_runner import build_runner
+from shared.engine.model_runner import ModelRunner
 from shared.engine.outputs import RequestOutput
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
@@ -93,19 +93,14 @@ class LLMEngine:
                              f"{self.config.num_kv_blocks}")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    arrival: float | None = None, leased_blocks: list[int] | None = None,
-                    leased_hit_tokens: int = 0) -> None:
-        """Queue a request (n choices). `leased_blocks`: the store blocks a prefill worker
-        leased for this prompt, of which `leased_hit_tokens` tokens are already cached."""
+                    arrival: float | None = None) -> None:
+        """Queue a request (n choices)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         params.validate()
         self.check_prompt(prompt_ids, params)
         arrival = time.monotonic() if arrival is None else arrival
         seqs = [Sequence(request_id, prompt_ids, params, i, arrival) for i in range(params.n)]
-        for s in seqs:
-            s.leased_blocks = list(leased_blocks or [])
-            s.leased_hit_tokens = leased_hit_tokens
         self.requests[request_id] = seqs
         for s in seqs:
             self.scheduler.add(s)
@@ -188,9 +183,9 @@ class LLMEngine:
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        return self._finish_reason_for(token, seq.params, seq.num_output_tokens, len(seq))
+        return self.finish_reason_for(token, seq.params, seq.num_output_tokens, len(seq))
 
-    def _finish_reason_for(self, token: int, p: SamplingParams, num_output: int,
+    def finish_reason_for(self, token: int, p: SamplingParams, num_output: int,
                            seq_len: int) -> str | None:
         """Why a sequence ends after emitting `token` as its num_output-th token, if it does."""
         if not p.ignore_eos and token in self.eos_token_ids:
@@ -219,3 +214,24 @@ class LLMEngine:
         bm = self.block_manager
         return {"total_blocks": bm.num_blocks, "free_blocks": bm.num_free_blocks,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
+
+
+def build_runner(model: LlamaForCausalLM, kv_cache, config: EngineConfig,
+                 max_model_len: int) -> ModelRunner:
+    """The runner the config asks for: CudaGraphRunner on CUDA with the Triton backend
+    unless enforce_eager, else an eager ModelRunner with the resolved backend."""
+    backend = config.resolved_attention_backend()
+    if backend == "triton" and config.device.startswith("cuda"):
+        from kernels._dispatch import HAS_TRITON
+        if not HAS_TRITON:
+            raise RuntimeError("attention_backend='triton' on CUDA needs the triton package "
+                               "(pip install triton), or choose attention_backend='torch'")
+    if config.use_cuda_graphs:
+        from shared.engine.cuda_graphs import CudaGraphRunner
+        return CudaGraphRunner(model, kv_cache, config.device,
+                               max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
+                               max_model_len=max_model_len,
+                               max_tokens=min(config.cuda_graph_max_tokens,
+                                              config.max_num_batched_tokens),
+                               max_seqs=config.max_num_seqs)
+    return ModelRunner(model, kv_cache, config.device, backend)

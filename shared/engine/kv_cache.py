@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.kv_pack import unpack_kv_ref, unpack_kv_triton
 from shared.models.config import ModelConfig
 
 
@@ -21,12 +22,13 @@ class LocalKVCache:
 
     def load_from_store(self, pool: torch.Tensor, src_blocks: list[int],
                         dst_blocks: list[int]) -> None:
-        """Copy whole store blocks ([N, L, 2, bs, H, D] layout) into our blocks."""
-        # One strided copy per block, straight from the shared pages: pool[s] is
-        # [L, 2, bs, H, D] contiguous, ours [:, :, d] the same shape with layer strides.
-        # (A gather + permute would stage every byte through a temporary first.)
-        for s, d in zip(src_blocks, dst_blocks):
-            self.tensor[:, :, d].copy_(pool[s])
+        """Copy whole store blocks ([N, L, 2, bs, H, D] layout) into our blocks: the
+        unpack_kv kernel where both sides are on the GPU, its torch reference elsewhere
+        (strided copies straight from the shared pages, one per run of adjacent blocks)."""
+        if self.tensor.is_cuda and pool.is_cuda:
+            unpack_kv_triton(pool, self.tensor, src_blocks, dst_blocks)
+        else:
+            unpack_kv_ref(pool, self.tensor, src_blocks, dst_blocks)
 
 
 class StoreKVCache:

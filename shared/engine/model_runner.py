@@ -2,8 +2,8 @@
 cache, returns logits for the sequences that need their next token.
 
 ModelRunner runs eagerly with either attention backend ('torch' on CPU, 'triton' on
-CUDA); CudaGraphRunner (cuda_graphs.py) adds decode and prefill CUDA graphs on top. `build_runner`
-picks one from the engine config.
+CUDA); CudaGraphRunner (cuda_graphs.py) adds decode and prefill CUDA graphs on top; the
+engine's `build_runner` picks one from its config.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.config import EngineConfig
 from shared.engine.attention import TorchPagedAttention, build_metadata
 from shared.engine.scheduler import ScheduledBatch
 from shared.engine.sequence import Sequence
@@ -91,24 +90,3 @@ class ModelRunner:
             return self._triton.TritonPagedAttention(self.kv_cache, meta, self.scale)
         meta = build_metadata(step.q_lens, step.ctx_lens, step.block_tables, self.block_size)
         return TorchPagedAttention(self.kv_cache, meta, self.scale)
-
-
-def build_runner(model: LlamaForCausalLM, kv_cache, config: EngineConfig,
-                 max_model_len: int) -> ModelRunner:
-    """The runner the config asks for: CudaGraphRunner on CUDA with the Triton backend
-    unless enforce_eager, else an eager ModelRunner with the resolved backend."""
-    backend = config.resolved_attention_backend()
-    if backend == "triton" and config.device.startswith("cuda"):
-        from kernels._dispatch import HAS_TRITON
-        if not HAS_TRITON:
-            raise RuntimeError("attention_backend='triton' on CUDA needs the triton package "
-                               "(pip install triton), or choose attention_backend='torch'")
-    if config.use_cuda_graphs:
-        from shared.engine.cuda_graphs import CudaGraphRunner
-        return CudaGraphRunner(model, kv_cache, config.device,
-                               max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
-                               max_model_len=max_model_len,
-                               max_tokens=min(config.cuda_graph_max_tokens,
-                                              config.max_num_batched_tokens),
-                               max_seqs=config.max_num_seqs)
-    return ModelRunner(model, kv_cache, config.device, backend)

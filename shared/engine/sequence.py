@@ -37,8 +37,6 @@ class Sequence:
         self.arrival = arrival
         self.first_token_time: float | None = None
         self.output_logprobs: list = []
-        self.leased_blocks: list[int] = []       # prefill worker: blocks leased from the store
-        self.leased_hit_tokens = 0
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             # Choice i of a seeded request uses seed+i, so choice 0 equals an n=1 request.

@@ -3,32 +3,9 @@ from __future__ import annotations
 
 import json
 import time
-import socket
 import urllib.request
 
-from tools.up import Mesh
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mesh(model_dir, log_dir, **kw) -> Mesh:
-    kw.setdefault("dtype", "float32")
-    kw.setdefault("kv_blocks", 512)
-    kw.setdefault("worker_blocks", 512)
-    kw.setdefault("heartbeat_s", 0.5)
-    kw.setdefault("admin_port", free_port())
-    mesh = Mesh(model=str(model_dir), port=free_port(), log_dir=str(log_dir), **kw)
-    try:
-        mesh.start()
-        mesh.wait_ready(timeout_s=180)
-    except BaseException:
-        mesh.stop()
-        raise
-    return mesh
+from tools.up import Mesh, free_port, start_mesh  # noqa: F401  (tests import them from here)
 
 
 def get_json(url: str):

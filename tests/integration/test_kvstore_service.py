@@ -15,7 +15,8 @@ import msgspec
 import pytest
 import torch
 
-from services.kvstore.client import KVStoreClient, KVStoreError, generations_match, open_pool
+from services.kvstore.client import KVStoreClient, KVStoreError
+from services.kvstore.layout import check_generations, open_pool
 from shared import protocol as p
 from shared import transport as t
 from shared.buffers.shm import SHM_DIR, ShmRegion
@@ -132,7 +133,8 @@ def test_pool_info_describes_one_shm_segment(store, client):
 READER = textwrap.dedent("""
     import json, sys
     import torch
-    from services.kvstore.client import KVStoreClient, generations_match, open_pool
+    from services.kvstore.client import KVStoreClient
+    from services.kvstore.layout import check_generations, open_pool
     from shared import transport as t
     from shared.buffers.shm import ShmRegion
     addr, blocks, gens = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
@@ -141,12 +143,12 @@ READER = textwrap.dedent("""
         info = c.pool_info()
     pool, generations = open_pool(info)
     region = ShmRegion.attach(info.handle.base)
-    before = generations_match(generations, blocks, gens)
+    check_generations(generations, blocks, gens, "before")   # raises when stale
     seen = pool[blocks[0]].clone()
-    after = generations_match(generations, blocks, gens)
+    check_generations(generations, blocks, gens, "after")
     pool[blocks[1]].fill_(3.5)  # written here, read back by the test process
     want = torch.arange(seen.numel(), dtype=torch.float32).view(seen.shape)
-    print(json.dumps({"equal": bool(torch.equal(seen, want)), "gens": [before, after],
+    print(json.dumps({"equal": bool(torch.equal(seen, want)), "fenced": True,
                       "inside": region.contains(pool.data_ptr(), pool.numel() * 4)}))
     t.close_context(ctx)
 """)
@@ -164,7 +166,7 @@ def test_blocks_are_shared_zero_copy_with_another_process(store, client):
                           json.dumps(lease.generations)], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"equal": True, "gens": [True, True], "inside": True}
+    assert json.loads(out.stdout) == {"equal": True, "fenced": True, "inside": True}
     assert bool((pool[b1] == 3.5).all())
     client.release("zc-1", lease.lease_id)
 
@@ -180,7 +182,8 @@ def test_commit_then_lookup_hits_the_same_blocks(store, client):
     client.release("pf-1", lease.lease_id)
     hit = client.lookup("pf-2", prompt)
     assert hit.block_ids == lease.block_ids[:2] and hit.num_tokens == 16
-    assert hit.generations == lease.generations[:2] and generations_match(gens, hit.block_ids, hit.generations)
+    assert hit.generations == lease.generations[:2]
+    check_generations(gens, hit.block_ids, hit.generations)
     assert [pool[b][0, 0, 0, 0, 0].item() for b in hit.block_ids] == [1.0, 2.0]
     miss = client.lookup("pf-3", list(range(1, 11)))
     assert (miss.lease_id, miss.block_ids, miss.num_tokens) == (None, [], 0)

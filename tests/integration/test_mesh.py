@@ -114,7 +114,8 @@ def test_decode_reads_the_pages_prefill_wrote(disagg, smollm2_engine):
     """Zero-copy: prefill and decode map the one store segment; the prompt's KV sits in
     the store blocks exactly as the engine computes it, so nobody copied it in between."""
     import torch
-    from services.kvstore.client import KVStoreClient, open_pool
+    from services.kvstore.client import KVStoreClient
+    from services.kvstore.layout import open_pool
     from shared.transport import close_context, make_context
 
     procs = {p.duet_name: p.pid for p in disagg.procs}

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from shared.engine.outputs import TextStream
+from services.gateway.text_stream import TextStream
 from shared.engine.sampling_params import SamplingParams
 from tests.conftest import assert_idle
 

@@ -1,0 +1,42 @@
+"""What a worker needs from the KV store, as an interface.
+
+Two things satisfy it: `KVStoreClient` (the store process over ZeroMQ) and `KVStore`
+(the same logic in this process, for tests and tools). Worker code is written against
+this port only, so its state machines run the same against either.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from shared.protocol import KVLease, KVPoolInfo
+
+
+class KVStoreError(Exception):
+    """The store refused a request (code from its ErrorReply: 'no_blocks',
+    'not_found', 'bad_request', ...) or did not answer ('timeout'); str() says why."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.request_id = code, message, request_id
+
+
+class KVStorePort(Protocol):
+    def pool_info(self) -> KVPoolInfo:
+        """The pool's handle and shape (open it with layout.open_pool)."""
+
+    def acquire(self, request_id: str, token_ids: list[int]) -> KVLease:
+        """One new lease holding the cached prefix of token_ids (num_cached_tokens) and
+        fresh blocks for the rest. KVStoreError 'no_blocks' with nothing held."""
+
+    def commit(self, request_id: str, lease_id: int, block_ids: list[int],
+               token_ids: list[int]) -> None:
+        """The lease's blocks are written: index the full ones under token_ids."""
+
+    def claim(self, request_id: str, lease_id: int) -> KVLease:
+        """Take over a lease (its blocks and generations)."""
+
+    def release(self, request_id: str, lease_id: int) -> None:
+        """Give a lease's blocks back; KVStoreError 'not_found' if already gone."""
+
+    def renew(self, lease_ids: list[int]) -> None:
+        """Keep these leases alive; unknown ids are ignored."""

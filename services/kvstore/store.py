@@ -1,0 +1,100 @@
+"""KVStore: the store's logic without sockets — the shared-memory segment and the KVPool
+that decides which block holds what, answering typed requests with typed replies.
+
+The service (service.py) is this behind a ROUTER; tests and tools use it in-process.
+Both it and KVStoreClient satisfy KVStorePort, the interface workers are written against.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any, Callable
+
+import msgspec
+
+from services.kvstore.layout import PoolSegment, generations_handle
+from services.kvstore.pool import KVPool
+from shared.protocol import KVLease, KVLookupReply, KVPoolInfo, KVStatsReply
+
+
+class KVStore:
+    """One pool of `num_blocks` blocks for a model of this shape, in a fresh shm segment.
+    Refusals raise PoolError (a KVStoreError) naming the bad value."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_layers: int, num_kv_heads: int,
+                 head_dim: int, dtype: str, lease_ttl_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.segment = PoolSegment(f"duet-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}", num_blocks,
+                                   num_layers, block_size, num_kv_heads, head_dim, dtype)
+        try:
+            self.pool = KVPool(num_blocks, block_size, lease_ttl_s, clock,
+                               generations=self.segment.generations)
+        except BaseException:
+            self.segment.close()
+            raise
+        self.dtype = dtype
+
+    @classmethod
+    def for_model(cls, model_dir: str, num_blocks: int, block_size: int, dtype: str,
+                  lease_ttl_s: float = 30.0) -> "KVStore":
+        """Sized from an HF-style model directory's config.json."""
+        from shared.models.config import ModelConfig
+        m = ModelConfig.from_dir(model_dir)
+        return cls(num_blocks, block_size, m.num_layers, m.num_kv_heads, m.head_dim, dtype,
+                   lease_ttl_s)
+
+    @property
+    def info(self) -> KVPoolInfo:
+        return self.segment.info
+
+    # -- the port ----------------------------------------------------------------------
+    def pool_info(self) -> KVPoolInfo:
+        return self.segment.info
+
+    def acquire(self, request_id: str, token_ids: list[int]) -> KVLease:
+        lease, blocks, gens, cached = self.pool.acquire(request_id, token_ids)
+        return KVLease(request_id=request_id, lease_id=lease, block_ids=blocks,
+                       generations=gens, num_cached_tokens=cached)
+
+    def commit(self, request_id: str, lease_id: int, block_ids: list[int],
+               token_ids: list[int]) -> None:
+        self.pool.commit(lease_id, block_ids, token_ids)
+
+    def claim(self, request_id: str, lease_id: int) -> KVLease:
+        blocks, gens = self.pool.claim(lease_id)
+        return KVLease(request_id=request_id, lease_id=lease_id, block_ids=blocks,
+                       generations=gens)
+
+    def release(self, request_id: str, lease_id: int) -> None:
+        self.pool.release(lease_id)
+
+    def renew(self, lease_ids: list[int]) -> None:
+        self.pool.renew(lease_ids)
+
+    # -- beyond the port: debugging, tests, the console ------------------------------
+    def lookup(self, request_id: str, token_ids: list[int]) -> KVLookupReply:
+        lease, blocks, gens, n = self.pool.lookup(request_id, token_ids)
+        return KVLookupReply(request_id=request_id, lease_id=lease, block_ids=blocks,
+                             generations=gens, num_tokens=n)
+
+    def allocate(self, request_id: str, num_blocks: int, lease_id: int | None = None) -> KVLease:
+        lease, blocks, gens = self.pool.allocate(request_id, num_blocks, lease_id)
+        return KVLease(request_id=request_id, lease_id=lease, block_ids=blocks, generations=gens)
+
+    def stats(self) -> KVStatsReply:
+        return KVStatsReply(**self.pool.stats())
+
+    def status(self) -> dict[str, Any]:
+        """Counts, the lease ledger, and the segment's handles (StatusReply data)."""
+        gen = generations_handle(self.info.handle, self.info.num_blocks)
+        return {"stats": self.pool.stats(), "idle": self.pool.idle(), "ledger": self.pool.ledger(),
+                "dtype": self.dtype, "pool": msgspec.to_builtins(self.info.handle),
+                "generations": msgspec.to_builtins(gen)}
+
+    def expire(self) -> int:
+        return self.pool.expire()
+
+    def close(self) -> None:
+        """Unlink the segment (views still open elsewhere stay valid until unmapped)."""
+        self.segment.close()

@@ -1,0 +1,316 @@
+"""WorkerCore: one model worker's request state machines, with no sockets or threads.
+
+    prefill  PrefillRequest -> PrefillLease.acquire (cached prefix + fresh store blocks)
+             -> the prefill engine writes the prompt's KV straight into those blocks
+             -> commit -> PrefillDone{token 1, KVRef, lease}
+    decode   DecodeRequest with a KVRef -> DecodeClaim.claim -> fenced copy into the local
+             paged cache -> release -> continuous batching -> TokenBatch, ...
+    both     DecodeRequest without a KVRef: the whole request runs here (chunked prefill)
+
+One model is shared by two engines: the prefill engine attends over the store's pool
+mapped into this process; the decode engine owns a local paged cache. handle(msg) and
+step() return the messages to send to the gateway; worker.py owns the socket, liveness
+and reconnects. The store is any KVStorePort (the real client or an in-process KVStore),
+or None for a worker without one (role both only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from services.kvstore.layout import StaleBlockError, open_pool
+from services.kvstore.port import KVStoreError, KVStorePort
+from services.worker.handoff import DecodeClaim, PrefillLease
+from shared import protocol as P
+from shared.engine.engine import LLMEngine
+from shared.engine.kv_cache import StoreKVCache
+from shared.engine.leased_blocks import LeasedBlockManager
+from shared.engine.sampling_params import SamplingParams
+from shared.wire import logprobs_to_wire, params_from_spec
+
+log = logging.getLogger("duet.worker")
+
+
+@dataclass
+class PrefillJob:
+    req: P.PrefillRequest
+    params: SamplingParams          # as requested: decides whether token 1 ends it
+    lease: PrefillLease
+    t_recv: float
+    t_start: float | None = None    # its first scheduled step
+
+
+@dataclass
+class DecodeJob:
+    request_id: str
+    t_recv: float
+    timings: dict = field(default_factory=dict)   # sent with its first TokenBatch
+    started: bool = False
+
+
+class WorkerCore:
+    def __init__(self, worker_id: str, role: str, engine: LLMEngine,
+                 store: KVStorePort | None = None, clock: Callable[[], float] = time.monotonic):
+        if role not in P.ROLES:
+            raise ValueError(f"role={role!r} must be one of {P.ROLES}")
+        self.worker_id, self.role, self.clock = worker_id, role, clock
+        self.draining = False     # the gateway routes nothing new here; kept for status
+        self.decode = engine
+        self.store, self.prefill = None, None
+        if store is not None:
+            self.attach_store(store)
+        if role == "prefill" and self.prefill is None:
+            raise ValueError("role prefill needs a KV store (prefill writes into its blocks)")
+        self.prefill_jobs: dict[str, PrefillJob] = {}
+        self.decode_jobs: dict[str, DecodeJob] = {}
+        self._handlers = {P.PrefillRequest: self._on_prefill, P.DecodeRequest: self._on_decode,
+                          P.Abort: self._on_abort, P.SetRole: self._on_set_role,
+                          P.Drain: self._on_drain, P.StatusRequest: self._on_status}
+
+    def attach_store(self, store: KVStorePort) -> None:
+        """Map the store's pool and build the prefill engine over it (same model)."""
+        info = store.pool_info()
+        pool, generations = open_pool(info)
+        mc, eng = self.decode.model.config, self.decode
+        want = (mc.num_layers, mc.num_kv_heads, mc.head_dim, eng.config.block_size)
+        have = (info.num_layers, info.num_kv_heads, info.head_dim, info.block_size)
+        if want != have:
+            raise ValueError(f"KV-store pool (layers, kv heads, head dim, block size)={have} "
+                             f"does not fit this model {want}")
+        dtype = eng.model.embed_tokens.weight.dtype
+        if pool.dtype != dtype:
+            raise ValueError(f"KV-store pool dtype {pool.dtype} differs from the model's {dtype}: "
+                             f"start both with one --dtype")
+        self.store, self.pool_info, self.pool, self.generations = store, info, pool, generations
+        self.prefill = LLMEngine(eng.model, eng.config, tuple(eng.eos_token_ids), eng.tokenizer,
+                                 block_manager=LeasedBlockManager(info.num_blocks, info.block_size),
+                                 kv_cache=StoreKVCache(pool))
+
+    # -- messages in ----------------------------------------------------------------------
+    def handle(self, msg: P.Msg) -> list[P.Msg]:
+        """Apply one message from the gateway; returns what to send back. Never raises for
+        a bad or failing request: it is answered with ErrorReply naming the request."""
+        rid = getattr(msg, "request_id", None)
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            return [P.ErrorReply(code="bad_request", request_id=rid,
+                                 message=f"a worker does not handle {type(msg).__name__}")]
+        try:
+            return handler(msg)
+        except Exception as e:  # a bad request must not take the worker down
+            return [self._error(rid, e)]
+
+    def _error(self, rid: str | None, e: Exception) -> P.ErrorReply:
+        if isinstance(e, KVStoreError):
+            code = "unavailable" if e.code == "timeout" else e.code
+            msg = f"KV store unavailable: {e.message}" if code == "unavailable" else e.message
+        elif isinstance(e, StaleBlockError):
+            code, msg = "stale_kv", str(e)
+        elif isinstance(e, ValueError):
+            code, msg = "bad_request", str(e)
+        else:
+            log.exception("request %s failed", rid)
+            code, msg = "internal", f"{type(e).__name__}: {e}"
+        log.warning("request %s: %s (%s)", rid, code, msg)
+        return P.ErrorReply(code=code, message=msg, request_id=rid)
+
+    def _on_prefill(self, req: P.PrefillRequest) -> list[P.Msg]:
+        if self.prefill is None:
+            raise ValueError(f"worker {self.worker_id} has no KV store, so it cannot prefill")
+        want = params_from_spec(req.sampling)
+        params = dataclasses.replace(want, max_tokens=1, n=1)   # prefill samples token 1 only
+        params.validate()
+        self.prefill.check_prompt(req.prompt_ids, params)
+        lease = PrefillLease.acquire(self.store, req.request_id, req.prompt_ids)
+        try:
+            self.prefill.block_manager.assign(req.request_id, lease.block_ids, lease.cached_tokens)
+            self.prefill.add_request(req.request_id, req.prompt_ids, params)
+        except BaseException:
+            self.prefill.block_manager.unassign(req.request_id)
+            self._quietly(lease.release, req.request_id)
+            raise
+        self.prefill_jobs[req.request_id] = PrefillJob(req, want, lease, self.clock())
+        return []
+
+    def _on_decode(self, req: P.DecodeRequest) -> list[P.Msg]:
+        params = params_from_spec(req.sampling)
+        job = DecodeJob(req.request_id, self.clock(), dict(req.timings))
+        if req.kv is None:   # colocated: the whole request runs here
+            self.decode.add_request(req.request_id, req.prompt_ids, params)
+            self.decode_jobs[req.request_id] = job
+            return []
+        if req.first_token is None or req.lease_id is None:
+            raise ValueError("a decode hand-off needs first_token and lease_id")
+        if self.store is None:
+            raise ValueError(f"worker {self.worker_id} has no KV store to take a hand-off from")
+        if not self.decode.can_add_prefilled(len(req.prompt_ids)):
+            # not claimed: the gateway may hand the lease to another decode worker
+            return [P.ErrorReply(code="no_blocks", request_id=req.request_id,
+                                 message=f"decode worker {self.worker_id} has no room")]
+        claim = DecodeClaim.claim(self.store, self.pool_info, req.request_id, req.lease_id, req.kv)
+        t_copy = self.clock()
+        try:
+            self.decode.add_prefilled(
+                req.request_id, req.prompt_ids, req.first_token, params,
+                lambda dst: claim.copy_into(self.decode.kv_cache, self.pool, self.generations, dst))
+        finally:
+            self._quietly(claim.release, req.request_id)
+        job.timings["kv_handoff"] = self.clock() - t_copy
+        self.decode_jobs[req.request_id] = job
+        return []
+
+    def _on_abort(self, msg: P.Abort) -> list[P.Msg]:
+        self.abort(msg.request_id, msg.reason)
+        return []
+
+    def _on_set_role(self, msg: P.SetRole) -> list[P.Msg]:
+        if msg.role == "prefill" and self.prefill is None:
+            raise ValueError(f"role prefill needs a KV store; worker {self.worker_id} has none")
+        log.info("role %s -> %s", self.role, msg.role)
+        self.role = msg.role
+        return [self.heartbeat()]   # announce the new role now
+
+    def _on_drain(self, msg: P.Drain) -> list[P.Msg]:
+        log.info("draining %s", "on: no new requests" if msg.enable else "off")
+        self.draining = msg.enable
+        return []
+
+    def _on_status(self, msg: P.StatusRequest) -> list[P.Msg]:
+        return [P.StatusReply(service="worker", data=self.status())]
+
+    # -- steps ------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.decode.has_unfinished() or (self.prefill is not None
+                                                and self.prefill.has_unfinished())
+
+    def step(self) -> list[P.Msg]:
+        """One prefill step and one decode step, each if it has work; the messages they
+        produce. A failing engine step fails that engine's requests, not the worker."""
+        out: list[P.Msg] = []
+        if self.prefill is not None and self.prefill.has_unfinished():
+            out += self._guarded(self._step_prefill, self.prefill_jobs)
+        if self.decode.has_unfinished():
+            out += self._guarded(self._step_decode, self.decode_jobs)
+        return out
+
+    def _guarded(self, step: Callable[[], list[P.Msg]], jobs: dict) -> list[P.Msg]:
+        try:
+            return step()
+        except Exception as e:
+            log.exception("engine step failed; failing its %d requests", len(jobs))
+            failed = list(jobs)
+            for rid in failed:
+                self.abort(rid, "engine step failed")
+            return [P.ErrorReply(code="internal", request_id=rid,
+                                 message=f"engine step failed: {type(e).__name__}: {e}")
+                    for rid in failed]
+
+    def _step_prefill(self) -> list[P.Msg]:
+        t0 = self.clock()
+        outputs = self.prefill.step()
+        for rid, job in self.prefill_jobs.items():
+            seqs = self.prefill.requests.get(rid)
+            if job.t_start is None and (not seqs or seqs[0].num_computed_tokens
+                                        > job.lease.cached_tokens):
+                job.t_start = t0
+        msgs = []
+        for out in outputs:
+            job = self.prefill_jobs.pop(out.request_id, None)
+            if job is not None:
+                try:
+                    msgs.append(self._prefill_done(job, out, t0))
+                except Exception as e:
+                    self._quietly(job.lease.release, out.request_id)
+                    msgs.append(self._error(out.request_id, e))
+        return msgs
+
+    def _prefill_done(self, job: PrefillJob, out, t0: float) -> P.PrefillDone:
+        req, lease = job.req, job.lease
+        lease.commit(req.prompt_ids)
+        first = out.new_token_ids[0]
+        reason = self.decode.finish_reason_for(first, job.params, 1, len(req.prompt_ids) + 1)
+        if reason is not None:   # nothing left for decode: the blocks stay only as cache
+            lease.release()
+        lp = out.new_logprobs[0] if out.new_logprobs else None
+        return P.PrefillDone(
+            request_id=req.request_id, first_token=first, lease_id=lease.lease_id,
+            kv=lease.kv_ref(self.pool_info, len(req.prompt_ids)),
+            num_cached_tokens=lease.cached_tokens,
+            num_computed_tokens=len(req.prompt_ids) - lease.cached_tokens,
+            first_logprobs=logprobs_to_wire(lp) if lp and job.params.logprobs is not None else None,
+            finish_reason=reason,
+            timings={"prefill_queue": (job.t_start or t0) - job.t_recv,
+                     "prefill_compute": self.clock() - (job.t_start or t0)})
+
+    def _step_decode(self) -> list[P.Msg]:
+        t0 = self.clock()
+        for job in self.decode_jobs.values():
+            if not job.started:
+                job.started = True
+                job.timings["decode_queue"] = t0 - job.t_recv
+        msgs = []
+        for out in self.decode.step():
+            job = self.decode_jobs.get(out.request_id)
+            timings = {}
+            if job is not None and job.timings:
+                timings, job.timings = job.timings, {}
+            lps = [logprobs_to_wire(r) for r in out.new_logprobs] if out.new_logprobs else None
+            msgs.append(P.TokenBatch(request_id=out.request_id, ids=out.new_token_ids,
+                                     logprobs=lps, finish_reason=out.finish_reason,
+                                     timings=timings))
+            if out.finished:
+                self.decode_jobs.pop(out.request_id, None)
+        return msgs
+
+    # -- aborts and reports ---------------------------------------------------------------
+    def abort(self, request_id: str, reason: str = "") -> None:
+        """Drop a request wherever it is; its local blocks and store lease are given back."""
+        job = self.prefill_jobs.pop(request_id, None)
+        if job is not None:
+            self.prefill.abort(request_id)
+            self._quietly(job.lease.release, request_id)
+        if self.decode_jobs.pop(request_id, None) is not None:
+            self.decode.abort(request_id)
+        log.info("request %s aborted (%s)", request_id, reason)
+
+    def abort_all(self, reason: str) -> None:
+        for rid in list(self.prefill_jobs) + list(self.decode_jobs):
+            self.abort(rid, reason)
+
+    def renew_leases(self) -> None:
+        """Prompts still queued here keep their store leases alive."""
+        if self.prefill_jobs:
+            self._quietly(lambda: self.store.renew([j.lease.lease_id
+                                                    for j in self.prefill_jobs.values()]), None)
+
+    def register(self, model: str, devices: list[str]) -> P.Register:
+        eng = self.decode
+        return P.Register(worker_id=self.worker_id, role=self.role, model=model, devices=devices,
+                          max_batch_tokens=eng.config.max_num_batched_tokens,
+                          total_blocks=eng.block_manager.num_blocks,
+                          free_blocks=eng.block_manager.num_free_blocks,
+                          block_size=eng.config.block_size)
+
+    def heartbeat(self) -> P.Heartbeat:
+        s = self.decode.scheduler
+        queued = s.num_queued_tokens + sum(len(j.req.prompt_ids) for j in self.prefill_jobs.values())
+        return P.Heartbeat(worker_id=self.worker_id, role=self.role,
+                           free_blocks=self.decode.block_manager.num_free_blocks,
+                           running=len(s.running), waiting=len(s.waiting), queued_tokens=queued)
+
+    def status(self) -> dict:
+        return {"worker_id": self.worker_id, "role": self.role, "draining": self.draining,
+                "decode": self.decode.idle_counts(), "prefill_jobs": len(self.prefill_jobs),
+                "decode_jobs": len(self.decode_jobs)}
+
+    @staticmethod
+    def _quietly(fn: Callable[[], None], rid: str | None) -> None:
+        """A store call whose failure must not fail the caller (a lease that is not given
+        back expires by its TTL)."""
+        try:
+            fn()
+        except KVStoreError as e:
+            log.warning("request %s: store call failed (%s); its lease will expire", rid, e)
