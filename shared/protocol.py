@@ -106,7 +106,8 @@ class Register(Msg, tag="reg"):
 
 
 class Heartbeat(Msg, tag="hb"):
-    """Worker -> gateway every heartbeat interval, with its current load."""
+    """Worker -> gateway every heartbeat interval, with its current load and how many
+    steps each of its engines has run (progress, and which engine did the work)."""
 
     worker_id: str
     role: Role
@@ -114,6 +115,8 @@ class Heartbeat(Msg, tag="hb"):
     running: NonNeg
     waiting: NonNeg
     queued_tokens: NonNeg
+    prefill_steps: NonNeg = 0
+    decode_steps: NonNeg = 0
 
 
 class Ping(Msg, tag="ping"):
@@ -298,11 +301,12 @@ class KVAllocate(Msg, tag="kvalloc"):
 
 class KVAcquire(Msg, tag="kvacq"):
     """Prefill's one round trip: pin the longest cached prefix of token_ids and add
-    fresh blocks for the rest of them, under one new lease (answered with KVLease,
-    num_cached_tokens set; or ErrorReply 'no_blocks', nothing held then)."""
+    fresh blocks for the rest of them, under one new lease held by `holder` (a worker
+    id), answered with KVLease (num_cached_tokens set) or ErrorReply 'no_blocks'."""
 
     request_id: str
     token_ids: list[int]
+    holder: str = ""
 
 
 class KVLease(Msg, tag="kvlease"):
@@ -330,10 +334,18 @@ class KVCommit(Msg, tag="kvcommit"):
 
 
 class KVClaim(Msg, tag="kvclaim"):
-    """Decode takes over a lease: it stops expiring (answered with KVLease)."""
+    """Decode (worker `holder`) takes over a lease (answered with KVLease)."""
 
     request_id: str
     lease_id: NonNeg
+    holder: str = ""
+
+
+class KVDropHolder(Msg, tag="kvdrop"):
+    """Gateway -> store: worker `holder` is gone; release every lease it holds -> Ack."""
+
+    holder: str
+    request_id: str = ""
 
 
 class KVRelease(Msg, tag="kvrel"):
@@ -421,7 +433,7 @@ MESSAGES: tuple[type[Msg], ...] = (
     Register, Heartbeat, Ping, Goodbye, SetRole, Drain,
     PrefillRequest, PrefillDone, DecodeRequest, TokenBatch, Abort,
     KVPoolQuery, KVPoolInfo, KVLookup, KVLookupReply, KVAcquire, KVAllocate, KVLease,
-    KVCommit, KVClaim, KVRelease, KVRenew, KVStats, KVStatsReply,
+    KVCommit, KVClaim, KVDropHolder, KVRelease, KVRenew, KVStats, KVStatsReply,
     TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply,
 )
 Message = Union[MESSAGES]  # type: ignore[valid-type]

@@ -107,7 +107,7 @@ def handoff_bandwidth(model_dir, dtype, tokens=1024, reps=20) -> dict:
     from shared.buffers.shm import ShmRegion
     from shared.engine.kv_cache import LocalKVCache
     from shared.models.config import ModelConfig
-    from services.worker.handoff import fenced_copy
+    from services.worker.handoff import DecodeClaim
     cfg = ModelConfig.from_dir(model_dir)
     dt = getattr(torch, dtype)
     bs, n = 16, tokens // 16
@@ -121,10 +121,11 @@ def handoff_bandwidth(model_dir, dtype, tokens=1024, reps=20) -> dict:
         cache = LocalKVCache(cfg, n * 2, bs, dt)
         src, dst = list(range(n)), list(range(n, 2 * n))
         block_bytes = nbytes // (2 * n) * n
-        fenced_copy(cache, pool, gens, src, [0] * n, dst)
+        claim = DecodeClaim(None, "bench", 0, src, [0] * n)   # the decode side's fenced copy
+        claim.copy_into(cache, pool, gens, dst)
         t = time.perf_counter()
         for _ in range(reps):
-            fenced_copy(cache, pool, gens, src, [0] * n, dst)
+            claim.copy_into(cache, pool, gens, dst)
         handoff = block_bytes * reps / (time.perf_counter() - t)
         a = torch.empty(block_bytes, dtype=torch.uint8).random_()
         b = torch.empty_like(a)

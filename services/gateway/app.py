@@ -50,6 +50,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
     app = Flask("duet.gateway")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     metrics = GatewayMetrics(ttft_target_s, tpot_target_s)
+    metrics.watch_backend(backend)
     app.extensions["duet"] = {"backend": backend, "metrics": metrics}
     created = int(time.time())
     keys = {k.encode() for k in api_keys or ()}

@@ -3,7 +3,8 @@
 No sockets, no threads. Each method takes one event — a new request, an abort, an
 operator command, a worker's message, the passing of time — and returns an Outbox: the
 (identity, message) pairs to send to workers, the events for the request threads waiting
-on their flights, and the store leases to give back. broker_client.py runs it on one
+on their flights, and the store leases to give back (one by one, or all of a lost
+worker's). broker_client.py runs it on one
 thread behind the sockets; tests drive it directly.
 
 A flight is one choice's life:
@@ -70,6 +71,7 @@ class Outbox:
     sends: list[tuple[bytes, P.Msg]] = field(default_factory=list)
     deliveries: list[tuple[Any, GenEvent | Exception]] = field(default_factory=list)
     releases: list[tuple[str, int]] = field(default_factory=list)   # (request id, lease id)
+    lost_workers: list[str] = field(default_factory=list)   # the store drops their leases
 
 
 class Broker:
@@ -187,6 +189,7 @@ class Broker:
         roles = {w["role"] for w in workers if not w["draining"]}   # who takes new requests
         ok = bool(workers) and ("both" in roles or {"prefill", "decode"} <= roles)
         return {"ok": ok, "workers": workers, "inflight": len(self.flights),
+                "counters": dict(self.counters),
                 "queued": sum(f.stage == Stage.QUEUED for f in self.flights.values()),
                 "mode": "disaggregated" if self.router.disaggregated else "colocated"}
 
@@ -276,6 +279,7 @@ class Broker:
             w.role = m.role
         w.free_blocks, w.running = m.free_blocks, m.running
         w.waiting, w.queued_tokens, w.assigned_tokens = m.waiting, m.queued_tokens, 0
+        w.prefill_steps, w.decode_steps = m.prefill_steps, m.decode_steps
 
     def _on_prefill_done(self, w: WorkerInfo, m: P.PrefillDone) -> None:
         w.inflight.discard(m.request_id)
@@ -333,6 +337,7 @@ class Broker:
         if w is None:
             return
         self.counters["worker_deaths"] += 1
+        self._out.lost_workers.append(w.worker_id)
         log.warning("worker %s %s; %d requests affected", w.worker_id, why, len(w.inflight))
         for rid in list(w.inflight):
             f = self.flights.get(rid)

@@ -87,7 +87,7 @@ class BrokerClient:
         self._bell, self._bell_lock = None, threading.Lock()
         self._tok_pool: queue.Queue = queue.Queue()
         self._tok_clients: list = []
-        self._releases: queue.Queue = queue.Queue()
+        self._releases: queue.Queue = queue.Queue()   # store calls for the releaser thread
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._handlers = {
@@ -284,8 +284,10 @@ class BrokerClient:
         failed = [ident for ident, msg in out.sends if not send_msg(self.sock, msg, ident)]
         for reply_to, ev in out.deliveries:
             reply_to.put(ev)
-        for release in out.releases:
-            self._releases.put(release)
+        for request_id, lease_id in out.releases:
+            self._releases.put(lambda kv, r=request_id, lid=lease_id: kv.release(r, lid))
+        for worker_id in out.lost_workers:
+            self._releases.put(lambda kv, w=worker_id: kv.drop_holder(w))
         return failed
 
     # -- the releaser thread -----------------------------------------------------------
@@ -296,12 +298,11 @@ class BrokerClient:
         curve = CurveConfig.from_dir(self.curve_dir, "client") if self.curve_dir else None
         kv = KVStoreClient(self.ctx, self.kvstore_addr, "gateway-kv", curve=curve)
         try:
-            while (item := self._releases.get()) is not None:
-                request_id, lease_id = item
+            while (call := self._releases.get()) is not None:
                 try:
-                    kv.release(request_id, lease_id)
+                    call(kv)
                 except KVStoreError as e:   # gone already, or the store is down: TTL frees it
-                    log.info("request %s: releasing lease %s: %s", request_id, lease_id, e)
+                    log.info("giving leases back to the store: %s", e)
         finally:
             kv.close()
 

@@ -7,6 +7,7 @@ finished requests whose TTFT and TPOT both met their targets.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
             2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -45,6 +46,11 @@ class GatewayMetrics:
                                "Finished requests meeting both the TTFT and TPOT targets",
                                registry=r)
 
+    def watch_backend(self, backend) -> None:
+        """Export the backend's own counters (the broker's dispatches, worker deaths, ...)
+        on every scrape."""
+        self.registry.register(_BackendCollector(backend))
+
     def observe_stages(self, timings: dict[str, float]) -> None:
         for stage, seconds in timings.items():
             self.ttft_stage.labels(stage=stage).observe(max(seconds, 0.0))
@@ -56,3 +62,32 @@ class GatewayMetrics:
         if (ok and ttft_s is not None and ttft_s <= self.ttft_target_s
                 and (tpot_s is None or tpot_s <= self.tpot_target_s)):
             self.goodput.inc()
+
+
+class _BackendCollector:
+    """backend.stats() as metrics: the broker's counters (monotonic) and its gauges."""
+
+    COUNTERS = {"dispatched": "Requests sent to a worker (re-dispatches included)",
+                "redispatched": "Requests moved to another worker after theirs was lost",
+                "worker_deaths": "Workers dropped: silent past the timeout, gone, re-registered",
+                "errors": "Requests a worker answered with an error"}
+    GAUGES = {"inflight": "Requests the broker holds", "workers": "Registered workers"}
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def collect(self):
+        try:
+            stats = self.backend.stats()
+        except Exception:   # a scrape must not fail because the backend is going away
+            return
+        for key, doc in self.COUNTERS.items():
+            if key in stats:
+                c = CounterMetricFamily(f"duet_broker_{key}", doc)
+                c.add_metric([], stats[key])
+                yield c
+        for key, doc in self.GAUGES.items():
+            if key in stats:
+                g = GaugeMetricFamily(f"duet_broker_{key}", doc)
+                g.add_metric([], stats[key])
+                yield g

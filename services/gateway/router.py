@@ -21,12 +21,15 @@ class WorkerInfo:
     assigned_tokens: int = 0                          # prompt tokens routed since last heartbeat
     draining: bool = False
     pending_role: tuple[str, float] | None = None    # (role, monotonic deadline) just set
+    prefill_steps: int = 0
+    decode_steps: int = 0
 
     def as_dict(self) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "free_blocks": self.free_blocks,
                 "total_blocks": self.total_blocks, "running": self.running,
                 "waiting": self.waiting, "queued_tokens": self.queued_tokens,
-                "inflight": len(self.inflight), "draining": self.draining}
+                "inflight": len(self.inflight), "draining": self.draining,
+                "prefill_steps": self.prefill_steps, "decode_steps": self.decode_steps}
 
 
 class Router:

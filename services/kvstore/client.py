@@ -12,9 +12,10 @@ from typing import Any
 import zmq
 
 from shared import transport
-from shared.protocol import (Ack, ErrorReply, KVAcquire, KVAllocate, KVClaim, KVCommit, KVLease,
-                             KVLookup, KVLookupReply, KVPoolInfo, KVPoolQuery, KVRelease, KVRenew,
-                             KVStats, KVStatsReply, Msg, StatusReply, StatusRequest)
+from shared.protocol import (Ack, ErrorReply, KVAcquire, KVAllocate, KVClaim, KVCommit,
+                             KVDropHolder, KVLease, KVLookup, KVLookupReply, KVPoolInfo,
+                             KVPoolQuery, KVRelease, KVRenew, KVStats, KVStatsReply, Msg,
+                             StatusReply, StatusRequest)
 from services.kvstore.port import KVStoreError
 
 __all__ = ["KVStoreClient", "KVStoreError"]
@@ -37,10 +38,12 @@ class KVStoreClient:
         """The pool's handle and shape (open it with layout.open_pool)."""
         return self._call(KVPoolQuery(), KVPoolInfo)
 
-    def acquire(self, request_id: str, token_ids: list[int]) -> KVLease:
-        """One new lease: the cached prefix of token_ids, then fresh blocks for the rest
-        (num_cached_tokens says how many came cached). KVStoreError 'no_blocks' if full."""
-        return self._call(KVAcquire(request_id=request_id, token_ids=list(token_ids)), KVLease)
+    def acquire(self, request_id: str, token_ids: list[int], holder: str = "") -> KVLease:
+        """One new lease held by `holder`: the cached prefix of token_ids, then fresh
+        blocks for the rest (num_cached_tokens says how many came cached). KVStoreError
+        'no_blocks' if full."""
+        return self._call(KVAcquire(request_id=request_id, token_ids=list(token_ids),
+                                    holder=holder), KVLease)
 
     def lookup(self, request_id: str, token_ids: list[int]) -> KVLookupReply:
         """Longest cached prefix, pinned under a new lease (lease_id None: no hit)."""
@@ -57,9 +60,14 @@ class KVStoreClient:
         self._call(KVCommit(request_id=request_id, lease_id=lease_id, block_ids=list(block_ids),
                             token_ids=list(token_ids)), Ack)
 
-    def claim(self, request_id: str, lease_id: int) -> KVLease:
-        """Take over a lease (it stops expiring); its blocks and generations."""
-        return self._call(KVClaim(request_id=request_id, lease_id=lease_id), KVLease)
+    def claim(self, request_id: str, lease_id: int, holder: str = "") -> KVLease:
+        """Worker `holder` takes over a lease; its blocks and generations."""
+        return self._call(KVClaim(request_id=request_id, lease_id=lease_id, holder=holder),
+                          KVLease)
+
+    def drop_holder(self, holder: str) -> None:
+        """Worker `holder` is gone: the store releases every lease it holds."""
+        self._call(KVDropHolder(holder=holder), Ack)
 
     def release(self, request_id: str, lease_id: int) -> None:
         """Return the lease's blocks; KVStoreError 'not_found' if already gone."""

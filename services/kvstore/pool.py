@@ -55,6 +55,7 @@ class Lease:
     blocks: list[int] = field(default_factory=list)
     claimed: bool = False
     touched: float = 0.0
+    holder: str = ""            # the worker that acquired or last claimed it
 
     def __post_init__(self):
         self.touched = self.touched or self.created
@@ -140,10 +141,12 @@ class KVPool:
         revived = sum(1 for b in hits if self._ref[b] == 0)
         return self.fresh_needed(token_ids, hits) + revived <= len(self._free)
 
-    def acquire(self, request_id: str, token_ids: list[int]) -> tuple[int, list[int], list[int], int]:
-        """(lease_id, block_ids, generations, num_cached_tokens): one new lease holding
-        the cached prefix of token_ids (pinned) followed by fresh blocks for the rest, in
-        token order. PoolError 'no_blocks' when the pool cannot (nothing held then)."""
+    def acquire(self, request_id: str, token_ids: list[int],
+                holder: str = "") -> tuple[int, list[int], list[int], int]:
+        """(lease_id, block_ids, generations, num_cached_tokens): one new lease, held by
+        `holder`, with the cached prefix of token_ids (pinned) followed by fresh blocks for
+        the rest, in token order. PoolError 'no_blocks' when the pool cannot (nothing held
+        then)."""
         _check_tokens(token_ids)
         hits = self.cached_prefix(token_ids)
         need = self.fresh_needed(token_ids, hits)
@@ -153,6 +156,7 @@ class KVPool:
         self.lookup_tokens += len(token_ids)
         self.hit_tokens += len(hits) * self.block_size
         lease = self._new_lease(request_id)
+        lease.holder = holder
         for bid in hits:
             self._pin(bid)
         lease.blocks.extend(hits + [self._take_free() for _ in range(need)])
@@ -201,11 +205,11 @@ class KVPool:
             added += 1
         return added
 
-    def claim(self, lease_id: int) -> tuple[list[int], list[int]]:
-        """Mark the lease claimed (it stops expiring); (block_ids, generations).
-        Claiming twice is allowed (a retried request)."""
+    def claim(self, lease_id: int, holder: str = "") -> tuple[list[int], list[int]]:
+        """Mark the lease claimed by `holder`; (block_ids, generations). Claiming twice is
+        allowed (a retried request)."""
         lease = self._lease(lease_id)
-        lease.claimed = True
+        lease.claimed, lease.holder = True, holder or lease.holder
         return list(lease.blocks), self._generations_of(lease.blocks)
 
     def release(self, lease_id: int) -> int:
@@ -227,6 +231,14 @@ class KVPool:
                 lease.touched = now
                 n += 1
         return n
+
+    def drop_holder(self, holder: str) -> int:
+        """Release every lease `holder` holds (it died); how many. An empty holder names
+        nobody."""
+        gone = [ls.lease_id for ls in self._leases.values() if holder and ls.holder == holder]
+        for lease_id in gone:
+            self.release(lease_id)
+        return len(gone)
 
     def expire(self) -> int:
         """Release every lease untouched for lease_ttl_s; how many."""
@@ -267,7 +279,7 @@ class KVPool:
         """Every live lease, oldest first: id, request, blocks, age, claimed."""
         now = self._clock()
         return [{"lease_id": ls.lease_id, "request_id": ls.request_id, "blocks": list(ls.blocks),
-                 "age_s": round(now - ls.created, 3), "claimed": ls.claimed}
+                 "age_s": round(now - ls.created, 3), "claimed": ls.claimed, "holder": ls.holder}
                 for ls in self._leases.values()]
 
     # ---------------------------------------------------------------- internals

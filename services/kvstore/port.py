@@ -24,16 +24,17 @@ class KVStorePort(Protocol):
     def pool_info(self) -> KVPoolInfo:
         """The pool's handle and shape (open it with layout.open_pool)."""
 
-    def acquire(self, request_id: str, token_ids: list[int]) -> KVLease:
-        """One new lease holding the cached prefix of token_ids (num_cached_tokens) and
-        fresh blocks for the rest. KVStoreError 'no_blocks' with nothing held."""
+    def acquire(self, request_id: str, token_ids: list[int], holder: str) -> KVLease:
+        """One new lease, held by worker `holder`, with the cached prefix of token_ids
+        (num_cached_tokens) and fresh blocks for the rest. KVStoreError 'no_blocks' with
+        nothing held."""
 
     def commit(self, request_id: str, lease_id: int, block_ids: list[int],
                token_ids: list[int]) -> None:
         """The lease's blocks are written: index the full ones under token_ids."""
 
-    def claim(self, request_id: str, lease_id: int) -> KVLease:
-        """Take over a lease (its blocks and generations)."""
+    def claim(self, request_id: str, lease_id: int, holder: str) -> KVLease:
+        """Worker `holder` takes over a lease (its blocks and generations)."""
 
     def release(self, request_id: str, lease_id: int) -> None:
         """Give a lease's blocks back; KVStoreError 'not_found' if already gone."""

@@ -24,9 +24,9 @@ from shared import transport
 from shared.buffers.handle import ITEMSIZE, numel
 from shared.buffers.shm import SHM_DIR
 from shared.models.config import ModelConfig
-from shared.protocol import (Ack, ErrorReply, KVAcquire, KVAllocate, KVClaim, KVCommit, KVLookup,
-                             KVPoolQuery, KVRelease, KVRenew, KVStats, Msg, StatusReply,
-                             StatusRequest)
+from shared.protocol import (Ack, ErrorReply, KVAcquire, KVAllocate, KVClaim, KVCommit,
+                             KVDropHolder, KVLookup, KVPoolQuery, KVRelease, KVRenew, KVStats, Msg,
+                             StatusReply, StatusRequest)
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.layout import pool_shape, segment_nbytes
 from services.kvstore.pool import PoolError
@@ -67,11 +67,12 @@ class KVStoreService:
         st = self.store
         self._handlers: dict[type, Callable[[Any], Msg]] = {
             KVPoolQuery: lambda m: st.info,
-            KVAcquire: lambda m: st.acquire(m.request_id, m.token_ids),
+            KVAcquire: lambda m: st.acquire(m.request_id, m.token_ids, m.holder),
             KVLookup: lambda m: st.lookup(m.request_id, m.token_ids),
             KVAllocate: lambda m: st.allocate(m.request_id, m.num_blocks, m.lease_id),
             KVCommit: lambda m: _ack(m, st.commit(m.request_id, m.lease_id, m.block_ids, m.token_ids)),
-            KVClaim: lambda m: st.claim(m.request_id, m.lease_id),
+            KVClaim: lambda m: st.claim(m.request_id, m.lease_id, m.holder),
+            KVDropHolder: lambda m: _ack(m, self._drop_holder(m.holder)),
             KVRelease: lambda m: _ack(m, st.release(m.request_id, m.lease_id)),
             KVRenew: lambda m: _ack(m, st.renew(m.lease_ids)),
             KVStats: lambda m: st.stats(),
@@ -81,6 +82,11 @@ class KVStoreService:
         log.info("kvstore on %s: %d blocks of %d tokens, %s %s, shm %s (%.2f MiB), lease ttl %gs",
                  self.address, config.num_blocks, config.block_size, self.dtype, shape,
                  st.segment.name, st.segment.nbytes / 2**20, config.lease_ttl_s)
+
+    def _drop_holder(self, holder: str) -> None:
+        n = self.store.drop_holder(holder)
+        if n:
+            log.warning("released %d leases of %s, which the gateway lost", n, holder)
 
     @property
     def pool(self):

@@ -52,8 +52,8 @@ class KVStore:
     def pool_info(self) -> KVPoolInfo:
         return self.segment.info
 
-    def acquire(self, request_id: str, token_ids: list[int]) -> KVLease:
-        lease, blocks, gens, cached = self.pool.acquire(request_id, token_ids)
+    def acquire(self, request_id: str, token_ids: list[int], holder: str = "") -> KVLease:
+        lease, blocks, gens, cached = self.pool.acquire(request_id, token_ids, holder)
         return KVLease(request_id=request_id, lease_id=lease, block_ids=blocks,
                        generations=gens, num_cached_tokens=cached)
 
@@ -61,8 +61,8 @@ class KVStore:
                token_ids: list[int]) -> None:
         self.pool.commit(lease_id, block_ids, token_ids)
 
-    def claim(self, request_id: str, lease_id: int) -> KVLease:
-        blocks, gens = self.pool.claim(lease_id)
+    def claim(self, request_id: str, lease_id: int, holder: str = "") -> KVLease:
+        blocks, gens = self.pool.claim(lease_id, holder)
         return KVLease(request_id=request_id, lease_id=lease_id, block_ids=blocks,
                        generations=gens)
 
@@ -72,7 +72,10 @@ class KVStore:
     def renew(self, lease_ids: list[int]) -> None:
         self.pool.renew(lease_ids)
 
-    # -- beyond the port: debugging, tests, the console ------------------------------
+    # -- beyond the port: the gateway, debugging, tests, the console ----------------
+    def drop_holder(self, holder: str) -> int:
+        return self.pool.drop_holder(holder)
+
     def lookup(self, request_id: str, token_ids: list[int]) -> KVLookupReply:
         lease, blocks, gens, n = self.pool.lookup(request_id, token_ids)
         return KVLookupReply(request_id=request_id, lease_id=lease, block_ids=blocks,

@@ -124,7 +124,7 @@ class WorkerCore:
         params = dataclasses.replace(want, max_tokens=1, n=1)   # prefill samples token 1 only
         params.validate()
         self.prefill.check_prompt(req.prompt_ids, params)
-        lease = PrefillLease.acquire(self.store, req.request_id, req.prompt_ids)
+        lease = PrefillLease.acquire(self.store, req.request_id, req.prompt_ids, self.worker_id)
         try:
             self.prefill.block_manager.assign(req.request_id, lease.block_ids, lease.cached_tokens)
             self.prefill.add_request(req.request_id, req.prompt_ids, params)
@@ -150,7 +150,8 @@ class WorkerCore:
             # not claimed: the gateway may hand the lease to another decode worker
             return [P.ErrorReply(code="no_blocks", request_id=req.request_id,
                                  message=f"decode worker {self.worker_id} has no room")]
-        claim = DecodeClaim.claim(self.store, self.pool_info, req.request_id, req.lease_id, req.kv)
+        claim = DecodeClaim.claim(self.store, self.pool_info, req.request_id, req.lease_id, req.kv,
+                                  self.worker_id)
         t_copy = self.clock()
         try:
             self.decode.add_prefilled(
@@ -209,6 +210,7 @@ class WorkerCore:
                     for rid in failed]
 
     def _step_prefill(self) -> list[P.Msg]:
+        msgs = self._drop_stale_prefills()
         t0 = self.clock()
         outputs = self.prefill.step()
         for rid, job in self.prefill_jobs.items():
@@ -216,7 +218,6 @@ class WorkerCore:
             if job.t_start is None and (not seqs or seqs[0].num_computed_tokens
                                         > job.lease.cached_tokens):
                 job.t_start = t0
-        msgs = []
         for out in outputs:
             job = self.prefill_jobs.pop(out.request_id, None)
             if job is not None:
@@ -227,8 +228,22 @@ class WorkerCore:
                     msgs.append(self._error(out.request_id, e))
         return msgs
 
+    def _drop_stale_prefills(self) -> list[P.Msg]:
+        """Before writing: a prompt whose store blocks were handed to someone else (its
+        lease expired, or the gateway gave us up for dead) is dropped, not computed."""
+        msgs = []
+        for rid, job in list(self.prefill_jobs.items()):
+            try:
+                job.lease.check(self.generations, "before the prefill step")
+            except StaleBlockError as e:
+                self.prefill_jobs.pop(rid)
+                self.prefill.abort(rid)
+                msgs.append(self._error(rid, e))
+        return msgs
+
     def _prefill_done(self, job: PrefillJob, out, t0: float) -> P.PrefillDone:
         req, lease = job.req, job.lease
+        lease.check(self.generations, "after the prefill step")
         lease.commit(req.prompt_ids)
         first = out.new_token_ids[0]
         reason = self.decode.finish_reason_for(first, job.params, 1, len(req.prompt_ids) + 1)
@@ -280,11 +295,10 @@ class WorkerCore:
         for rid in list(self.prefill_jobs) + list(self.decode_jobs):
             self.abort(rid, reason)
 
-    def renew_leases(self) -> None:
-        """Prompts still queued here keep their store leases alive."""
-        if self.prefill_jobs:
-            self._quietly(lambda: self.store.renew([j.lease.lease_id
-                                                    for j in self.prefill_jobs.values()]), None)
+    def lease_ids(self) -> list[int]:
+        """The store leases this worker holds: its queued and running prompts'. Whoever
+        renews them may run on another thread (a long step must not let them expire)."""
+        return [j.lease.lease_id for j in self.prefill_jobs.values()]
 
     def register(self, model: str, devices: list[str]) -> P.Register:
         eng = self.decode
@@ -299,7 +313,9 @@ class WorkerCore:
         queued = s.num_queued_tokens + sum(len(j.req.prompt_ids) for j in self.prefill_jobs.values())
         return P.Heartbeat(worker_id=self.worker_id, role=self.role,
                            free_blocks=self.decode.block_manager.num_free_blocks,
-                           running=len(s.running), waiting=len(s.waiting), queued_tokens=queued)
+                           running=len(s.running), waiting=len(s.waiting), queued_tokens=queued,
+                           prefill_steps=self.prefill.stats.steps if self.prefill else 0,
+                           decode_steps=self.decode.stats.steps)
 
     def status(self) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "draining": self.draining,

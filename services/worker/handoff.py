@@ -32,10 +32,16 @@ class PrefillLease:
     cached_tokens: int          # leading tokens whose KV the store already had
 
     @classmethod
-    def acquire(cls, store: KVStorePort, request_id: str, prompt_ids: list[int]) -> "PrefillLease":
-        lease = store.acquire(request_id, prompt_ids)
+    def acquire(cls, store: KVStorePort, request_id: str, prompt_ids: list[int],
+                holder: str) -> "PrefillLease":
+        lease = store.acquire(request_id, prompt_ids, holder)
         return cls(store, request_id, lease.lease_id, list(lease.block_ids),
                    list(lease.generations), lease.num_cached_tokens)
+
+    def check(self, generations: torch.Tensor, when: str) -> None:
+        """StaleBlockError if the store gave any of our blocks to someone else (the lease
+        expired, or the gateway gave this worker up for dead): never write or commit then."""
+        check_generations(generations, self.block_ids, self.generations, when)
 
     def commit(self, prompt_ids: list[int]) -> None:
         self.store.commit(self.request_id, self.lease_id, self.block_ids, prompt_ids)
@@ -59,13 +65,13 @@ class DecodeClaim:
 
     @classmethod
     def claim(cls, store: KVStorePort, pool: P.KVPoolInfo, request_id: str, lease_id: int,
-              kv: P.KVRef) -> "DecodeClaim":
+              kv: P.KVRef, holder: str) -> "DecodeClaim":
         if kv.handle.base != pool.handle.base:
             raise StaleBlockError(f"request {request_id}: KV blocks live in pool "
                                   f"{kv.handle.base!r}, this worker reads {pool.handle.base!r} "
                                   f"(a restarted store, or another mesh's)")
         n = blocks_for(kv.num_tokens, pool.block_size)
-        lease = store.claim(request_id, lease_id)
+        lease = store.claim(request_id, lease_id, holder)
         claim = cls(store, request_id, lease_id, list(kv.block_ids[:n]), list(kv.generations[:n]))
         if list(lease.block_ids[:n]) != claim.src_blocks:
             claim.release()

@@ -1,12 +1,14 @@
 """The worker process: a WorkerCore behind one DEALER to the gateway.
 
-Two threads, so liveness never waits for the model:
+Three threads, so neither liveness nor leases wait for the model:
   - the engine thread runs the core: it applies the gateway's messages, steps the
     engines, and pushes what they produce to the IO thread over an inproc pipe;
   - the IO thread (the main one) owns the DEALER: it forwards those messages,
     heart-beats with the engine thread's latest snapshot (so heartbeats flow during a
     step of any length), and watches the gateway (Paranoid Pirate: a silent gateway
-    means reconnect with backoff and register again, aborting what it had sent us).
+    means reconnect with backoff and register again, aborting what it had sent us);
+  - the lease keeper renews the store leases of the prompts held here, from that same
+    snapshot and with a store client of its own, so a long step cannot let them expire.
 """
 from __future__ import annotations
 
@@ -58,15 +60,14 @@ class Worker:
 
     # -- engine thread ------------------------------------------------------------------
     def _publish(self) -> None:
-        """What the IO thread may send without asking the engine: our Register and our
-        latest Heartbeat (one attribute write: atomic for the reading thread)."""
+        """What the other threads may use without asking the engine: our Register, our
+        latest Heartbeat, the leases we hold (one attribute write: atomic for readers)."""
         self._snapshot = (self.core.register(str(self.cfg.engine.model), self.devices),
-                          self.core.heartbeat())
+                          self.core.heartbeat(), self.core.lease_ids())
 
     def _engine_loop(self) -> None:
         out = self.ctx.socket(zmq.PUSH)
         out.connect(self._out_addr)
-        next_renew = 0.0
         try:
             while not self.stop_event.is_set():
                 msgs = []
@@ -80,9 +81,6 @@ class Worker:
                 for m in msgs:
                     out.send_multipart(P.encode(m), copy=False)
                 self._publish()
-                if time.monotonic() >= next_renew:
-                    self.core.renew_leases()
-                    next_renew = time.monotonic() + self.cfg.heartbeat_s
         except Exception:
             log.exception("engine thread crashed")
             self.stop_event.set()
@@ -106,6 +104,9 @@ class Worker:
         pipe.bind(self._out_addr)
         engine = threading.Thread(target=self._engine_loop, name="duet-engine", daemon=True)
         engine.start()
+        keeper = threading.Thread(target=self._keep_leases, name="duet-leases", daemon=True)
+        if self.cfg.kvstore_addr:
+            keeper.start()
         self._connect_gateway()
         log.info("worker %s up: role=%s gateway=%s", self.cfg.worker_id, self.core.role,
                  self.cfg.gateway_addr)
@@ -129,6 +130,8 @@ class Worker:
         finally:
             self.stop_event.set()
             engine.join(10)
+            if keeper.is_alive():
+                keeper.join(10)
             self._forward(pipe)   # the engine's last words (aborts) still reach the gateway
             pipe.close(linger=0)
             self.close()
@@ -191,6 +194,19 @@ class Worker:
             self._register()
         elif msg.code != "not_found":
             log.warning("gateway: %s (%s)", msg.code, msg.message)
+
+    # -- lease keeper thread ---------------------------------------------------------------
+    def _keep_leases(self) -> None:
+        from services.kvstore.client import KVStoreClient, KVStoreError
+        with KVStoreClient(self.ctx, self.cfg.kvstore_addr, f"{self.cfg.worker_id}-leases",
+                           curve=self.curve) as kv:
+            while not self.stop_event.wait(self.cfg.heartbeat_s):
+                ids = self._snapshot[2]
+                if ids:
+                    try:
+                        kv.renew(ids)
+                    except KVStoreError as e:
+                        log.warning("renewing %d leases failed: %s", len(ids), e)
 
     def close(self) -> None:
         if self.sock is not None:

@@ -67,7 +67,8 @@ class LLMEngine:
         from shared.tokenization import Tokenizer
 
         path = resolve_model(config.model)
-        model = load_model(path, config.resolved_dtype(), config.device)
+        model = load_model(path, config.resolved_dtype(), config.device,
+                           max_positions=config.max_model_len)
         tokenizer = Tokenizer(path)
         eos = generation_eos_ids(path, model.config)
         if tokenizer.eos_token_id is not None:

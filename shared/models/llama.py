@@ -91,6 +91,11 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_positions = max_positions or cfg.max_position_embeddings
+        kind = (cfg.rope_scaling or {}).get("rope_type", "default")
+        if self.max_positions > cfg.max_position_embeddings and kind != "dynamic":
+            raise ValueError(f"max_model_len={self.max_positions} is past this model's trained "
+                             f"context of {cfg.max_position_embeddings} tokens; only dynamic RoPE "
+                             f"scaling extends it (rope_type here: {kind!r})")
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
         if not self.embed_tokens.weight.is_meta:  # the loader builds on meta, then calls it

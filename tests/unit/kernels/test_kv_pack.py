@@ -52,3 +52,19 @@ def test_dispatcher_full_store_and_bad_slice(device, dtype):
     assert torch.equal(back[:, :, 4], cache[:, :, 1]) and torch.equal(back[:, :, 3], cache[:, :, 0])
     with pytest.raises(ValueError, match="out of the store's range"):
         pack_kv(cache, store, [0], [0], layer_start=1)
+
+
+def test_ref_copies_runs_of_adjacent_blocks_exactly():
+    """The CPU path copies each run of adjacent block pairs in one strided copy."""
+    cache = torch.randn(L, 2, 8, PAGE, H, D)
+    store = torch.full((10, LS, 2, PAGE, HS, D), float("nan"))
+    src, dst = [0, 1, 2, 5, 6, 3], [4, 5, 6, 0, 1, 9]     # runs 0-2 -> 4-6, 5-6 -> 0-1, 3 -> 9
+    pack_kv_ref(cache, store, src, dst, LAYER0, HEAD0)
+    for s, d in zip(src, dst):
+        for kv in range(2):
+            assert torch.equal(store[d, LAYER0:LAYER0 + L, kv, :, HEAD0:HEAD0 + H], cache[:, kv, s])
+    assert int((~store.isnan()).sum()) == len(src) * L * 2 * PAGE * H * D
+    back = torch.full_like(cache, float("nan"))
+    unpack_kv_ref(store, back, dst, src, LAYER0, HEAD0)
+    assert torch.equal(back[:, :, src], cache[:, :, src])
+    assert back[:, :, [4, 7]].isnan().all()

@@ -1,4 +1,6 @@
 """Duet's Llama forward against transformers on the same random weights (fp32)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -73,3 +75,30 @@ def test_unsupported_dtype_and_missing_dir(tmp_path):
         load_model(tmp_path, "float8")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path / "nope")
+
+
+def test_dynamic_rope_past_the_trained_context_matches_transformers(tmp_path):
+    """Dynamic NTK scaling only acts past max_position_embeddings: trained on 32 positions,
+    a 13-token prompt generates 40 tokens, so positions 32..52 use rescaled frequencies.
+    Duet's per-position table equals transformers' incremental decoding with its cache."""
+    from shared.models.rope import build_cos_sin
+    path, hf = save_tiny_model(tmp_path, seed=7, num_key_value_heads=1, max_position_embeddings=32,
+                               rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model = load_model(path, "float32", max_positions=64)
+    plain, _ = build_cos_sin(model.config, 32)
+    assert torch.equal(model.rope_cos[:32], plain)               # inside: the default table
+    unscaled, _ = build_cos_sin(dataclasses.replace(model.config, rope_scaling=None), 64)
+    assert not torch.allclose(model.rope_cos[40], unscaled[40])  # past it: rescaled
+    eng = LLMEngine(model, EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64,
+                                        max_model_len=64))
+    assert eng.max_model_len == 64
+    ids = [5, 17, 42, 99, 3, 150, 7, 8, 9, 10, 11, 200, 13]
+    out = eng.generate([ids], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0][0]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert out == want
+    assert_idle(eng)
+    with pytest.raises(ValueError, match="only dynamic RoPE scaling extends it"):
+        load_model(save_tiny_model(tmp_path / "plain", max_position_embeddings=32)[0], "float32",
+                   max_positions=64)

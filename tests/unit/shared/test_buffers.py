@@ -17,7 +17,7 @@ from shared.buffers.handle import BufferHandle
 from shared.buffers.shm import SHM_DIR, ShmRegion
 
 CHILD_TIMEOUT_S = 60
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 @pytest.fixture

@@ -262,3 +262,52 @@ def test_random_operations_keep_counts_consistent():
         pool.release(ls["lease_id"])
     check_invariants(pool)
     assert_idle(pool)
+
+
+def test_acquire_pins_the_cached_prefix_and_adds_fresh_blocks_in_one_lease():
+    pool = make(num_blocks=8, block_size=4)
+    prompt = toks(10)                              # 3 blocks: 2 full + 2 tokens
+    lease, blocks, gens, cached = pool.acquire("a", prompt)
+    assert (lease, blocks, gens, cached) == (1, [0, 1, 2], [1, 1, 1], 0)
+    pool.commit(lease, blocks, prompt)
+    pool.release(lease)
+    # the same prompt: blocks 0 and 1 come cached (unbumped), the tail is fresh
+    lease, blocks, gens, cached = pool.acquire("b", prompt)
+    assert (blocks, gens, cached) == ([0, 1, 2], [1, 1, 2], 8)
+    assert pool.stats()["hit_tokens"] == 8 and pool.stats()["lookup_tokens"] == 20
+    pool.release(lease)
+    assert_idle(pool)
+
+
+def test_acquire_counts_revived_hits_and_refuses_without_holding_anything():
+    pool = make(num_blocks=4, block_size=4)
+    prompt = toks(9)                               # 3 blocks
+    lease, blocks, _, _ = pool.acquire("a", prompt)
+    pool.commit(lease, blocks, prompt)
+    pool.release(lease)                            # 0, 1 cached; 2 unhashed; 3 never used
+    other = pool.allocate("x", 1)[0]               # takes 2 (unhashed first): 1 truly free
+    # 2 hits revived from the free list + 1 fresh = 3, and 3 are free or evictable
+    assert pool.can_acquire(prompt, pool.cached_prefix(prompt))
+    longer = toks(13)                              # 2 hits + 2 fresh: one too many
+    assert not pool.can_acquire(longer, pool.cached_prefix(longer))
+    before, gens = pool.stats(), pool.generations.clone()
+    with pytest.raises(PoolError, match="needs 2 fresh blocks, only 3 of 4") as e:
+        pool.acquire("b", longer)
+    assert e.value.code == "no_blocks"
+    assert pool.stats() == before and torch.equal(pool.generations, gens)
+    pool.release(other)
+    assert_idle(pool)
+
+
+def test_drop_holder_releases_only_that_workers_leases():
+    pool = make(num_blocks=8, block_size=4)
+    a = pool.acquire("a", toks(5), holder="prefill-0")[0]
+    b = pool.acquire("b", toks(5, 200), holder="prefill-1")[0]
+    c = pool.acquire("c", toks(5, 300), holder="prefill-0")[0]
+    pool.claim(c, holder="decode-0")                  # decode took c over
+    assert {ls["lease_id"]: ls["holder"] for ls in pool.ledger()} == \
+        {a: "prefill-0", b: "prefill-1", c: "decode-0"}
+    assert pool.drop_holder("prefill-0") == 1 and pool.drop_holder("") == 0
+    assert [ls["lease_id"] for ls in pool.ledger()] == [b, c]
+    assert pool.drop_holder("decode-0") == 1 and pool.drop_holder("prefill-1") == 1
+    assert_idle(pool)
