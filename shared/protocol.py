@@ -103,6 +103,7 @@ class Register(Msg, tag="reg"):
     tp: Positive = 1
     pp: Positive = 1
     block_size: Positive = 16
+    max_seqs: Positive = 64      # sequences it runs at once: the gateway admits no more
 
 
 class Heartbeat(Msg, tag="hb"):
@@ -117,6 +118,8 @@ class Heartbeat(Msg, tag="hb"):
     queued_tokens: NonNeg
     prefill_steps: NonNeg = 0
     decode_steps: NonNeg = 0
+    busy_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0      # the running step so far; 0: idle
+    expected_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # what that step should take
 
 
 class Ping(Msg, tag="ping"):
@@ -258,7 +261,9 @@ class KVPoolQuery(Msg, tag="kvq"):
 
 class KVPoolInfo(Msg, tag="kvpool"):
     """The store's block pool: one handle, layout
-    [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]."""
+    [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]. `epoch` is
+    this store process's own: a restarted store has another, a fresh shm segment, and
+    lease ids that never match the old ones."""
 
     handle: BufferHandle
     num_blocks: Positive
@@ -267,6 +272,7 @@ class KVPoolInfo(Msg, tag="kvpool"):
     num_kv_heads: Positive
     head_dim: Positive
     dtype: DType
+    epoch: NonNeg = 0
 
 
 class KVLookup(Msg, tag="kvlook"):
@@ -318,6 +324,7 @@ class KVLease(Msg, tag="kvlease"):
     block_ids: list[NonNeg]
     generations: list[NonNeg]
     num_cached_tokens: NonNeg = 0
+    pool: str = ""      # the pool's shm segment: which store epoch the blocks belong to
 
     def __post_init__(self) -> None:
         _check_generations(self)
@@ -517,8 +524,8 @@ def _explain(raw: msgspec.Raw, err: Exception) -> ProtocolError:
     tag = fields.get("t")
     if tag is None:
         return ProtocolError("message has no type tag 't'", rid)
-    if tag not in TAGS:
-        return ProtocolError(f"unknown message type {tag!r}", rid)
+    if not isinstance(tag, str) or tag not in TAGS:
+        return ProtocolError(f"unknown message type {str(tag)[:40]!r}", rid)
     return ProtocolError(f"invalid {TAGS[tag].__name__} message: {err}", rid)
 
 

@@ -185,6 +185,17 @@ class Liveness:
         return delay
 
 
+STUCK_FLOOR_S = 30.0
+STUCK_FACTOR = 10.0
+
+
+def stuck_after_s(expected_s: float) -> float:
+    """How long a step may run before its worker counts as stuck rather than slow: ten
+    times what the worker's own measured rates say the step should take, and never under
+    STUCK_FLOOR_S (heartbeats, which flow during any step, tell slow from dead)."""
+    return max(STUCK_FLOOR_S, STUCK_FACTOR * expected_s)
+
+
 class PeerTable:
     """The peers a ROUTER has heard from, oldest-heard first.
 

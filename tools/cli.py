@@ -139,6 +139,10 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--admin-port", default=8001, show_default=True, type=int,
               help="admin console port (0: no console)")
+@click.option("--supervisor-port", default=8002, show_default=True, type=int,
+              help="the supervisor's Prometheus metrics: restarts per service (0: none)")
+@click.option("--queue-timeout", "queue_timeout_s", default=30.0, show_default=True,
+              type=float, help="seconds a request may wait for a worker before a 503")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @_dtype
 @click.option("--kv-blocks", default=2048, show_default=True, type=int, help="KV-store pool blocks")
@@ -147,17 +151,22 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--insecure", is_flag=True,
               help="no CURVE: any process that can reach the sockets may join the mesh")
 @click.option("--api-keys", default=None, help="comma-separated API keys for the HTTP API")
+@click.option("--max-concurrency-per-key", default=64, show_default=True, type=int,
+              help="requests one API key may hold at once; more get 429 (0: no limit)")
 @click.option("--log-dir", default=None, help="write each service's log here")
 @click.option("--log-level", default="WARNING", show_default=True)
-def up(model_name, prefill, decode, colocated, port, admin_port, host, dtype, kv_blocks,
-       curve_dir, insecure, api_keys, log_dir, log_level):
+def up(model_name, prefill, decode, colocated, port, admin_port, supervisor_port,
+       queue_timeout_s, host, dtype, kv_blocks, curve_dir, insecure, api_keys,
+       max_concurrency_per_key, log_dir, log_level):
     """Start tokenizer, kvstore, workers and gateway as separate processes."""
     from tools.up import Mesh, run_up
     try:
         mesh = Mesh(model=model_name, prefill=prefill, decode=decode, colocated=colocated,
-                    port=port, admin_port=admin_port, host=host, dtype=dtype,
+                    port=port, admin_port=admin_port, supervisor_port=supervisor_port,
+                    queue_timeout_s=queue_timeout_s, host=host, dtype=dtype,
                     kv_blocks=kv_blocks, curve_dir=curve_dir, insecure=insecure,
-                    api_keys=api_keys, log_dir=log_dir, log_level=log_level)
+                    api_keys=api_keys, max_concurrency_per_key=max_concurrency_per_key,
+                    log_dir=log_dir, log_level=log_level)
     except ValueError as e:
         raise click.UsageError(str(e))
     sys.exit(run_up(mesh))

@@ -28,6 +28,7 @@ def write_mesh_file(mesh) -> Path:
     path = mesh_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"pid": os.getpid(), "url": mesh.url, "admin_url": mesh.admin_url,
+            "supervisor_url": mesh.supervisor_url,
             "addr": mesh.addr, "curve_dir": mesh.curve_dir, "run_dir": mesh.run_dir}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)   # O_CREAT's mode applies only to a new file

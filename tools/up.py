@@ -1,8 +1,9 @@
 """`duet up`: the whole mesh as separate processes on this machine.
 
 kvstore, tokenizer, gateway and the workers each run as `python -m services.X`, talking
-over ipc:// sockets in a private run directory. Ctrl-C / SIGTERM stops every child
-(SIGTERM, then SIGKILL after a grace period): no orphans.
+over ipc:// sockets in a private run directory, under a Supervisor (supervisor.py) that
+restarts whichever one crashes. Ctrl-C / SIGTERM stops every child (SIGTERM, then SIGKILL
+after a grace period): no orphans.
 """
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+
+from tools.supervisor import Supervisor
 
 
 @dataclass
@@ -26,6 +29,8 @@ class Mesh:
     colocated: bool = False
     port: int = 8000
     admin_port: int = 8001               # the admin console; 0: none
+    supervisor_port: int = 8002          # the supervisor's metrics (restarts); 0: none
+    queue_timeout_s: float = 30.0        # how long a request may wait for a worker
     host: str = "127.0.0.1"
     dtype: str = "auto"
     kv_blocks: int = 2048
@@ -33,10 +38,11 @@ class Mesh:
     curve_dir: str | None = None         # None: fresh keys in the run dir, unless insecure
     insecure: bool = False               # no CURVE at all (any local process may join)
     api_keys: str | None = None
+    max_concurrency_per_key: int = 64    # requests one API key may hold; 0: no limit
     heartbeat_s: float = 0.5
     log_level: str = "INFO"
     log_dir: str | None = None
-    procs: list = field(default_factory=list)
+    supervisor: Supervisor = field(default_factory=Supervisor)
 
     def __post_init__(self):
         if self.colocated:
@@ -52,6 +58,12 @@ class Mesh:
         if not 0 <= self.admin_port <= 65535 or self.admin_port == self.port:
             raise ValueError(f"--admin-port {self.admin_port} must be in [0, 65535] (0: no "
                              f"console) and differ from --port {self.port}")
+        if not 0 <= self.supervisor_port <= 65535 or self.supervisor_port in (
+                self.port, self.admin_port):
+            raise ValueError(f"--supervisor-port {self.supervisor_port} must be in [0, 65535] "
+                             f"(0: none) and differ from the other ports")
+        if self.queue_timeout_s < 0:
+            raise ValueError(f"--queue-timeout {self.queue_timeout_s} must be >= 0 seconds")
         if self.insecure and self.curve_dir:
             raise ValueError(f"--insecure and --curve-dir {self.curve_dir} contradict each other")
         self.run_dir = tempfile.mkdtemp(prefix="duet-run-")
@@ -74,16 +86,30 @@ class Mesh:
     def admin_url(self) -> str | None:
         return f"http://127.0.0.1:{self.admin_port}" if self.admin_port else None
 
+    @property
+    def supervisor_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.supervisor_port}" if self.supervisor_port else None
+
+    @property
+    def procs(self) -> list:
+        """Each service's current process (a restarted one's new process), named."""
+        out = []
+        for c in self.supervisor.children.values():
+            if c.proc is not None:
+                c.proc.duet_name = c.name
+                out.append(c.proc)
+        return out
+
+    def pid(self, name: str) -> int:
+        return self.supervisor.children[name].pid
+
     def _spawn(self, name: str, module: str, *args: str, env: dict | None = None) -> None:
         cmd = [sys.executable, "-m", module, *args, "--log-level", self.log_level]
-        out = None
+        log_path = None
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
-            out = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                             env={**os.environ, **env} if env else None)
-        p.duet_name = name
-        self.procs.append(p)
+            log_path = os.path.join(self.log_dir, f"{name}.log")
+        self.supervisor.add(name, cmd, env, log_path)
 
     def start(self) -> None:
         from shared.config import EngineConfig
@@ -95,6 +121,8 @@ class Mesh:
             from shared.transport import generate_keys
             self.curve_dir = str(generate_keys(os.path.join(self.run_dir, "keys")))
         curve = ["--curve-dir", self.curve_dir] if self.curve_dir else []
+        if self.supervisor_port:
+            self.supervisor.serve_metrics(self.supervisor_port)
         workers = self.prefill + self.decode
         # leave a core for gateway/tokenizer/store: oversubscribed OpenMP threads spin
         # at every barrier and a 2-core colocated run was measured 10x slower for it
@@ -106,9 +134,11 @@ class Mesh:
         gw = ["--model", model_dir, "--served-model-name", os.path.basename(self.model.rstrip("/")),
               "--router-addr", self.addr["gateway"], "--tokenizer-addr", self.addr["tokenizer"],
               "--kvstore-addr", self.addr["kvstore"], "--host", self.host, "--port", str(self.port),
-              "--heartbeat", str(self.heartbeat_s), *curve]
+              "--heartbeat", str(self.heartbeat_s), "--queue-timeout", str(self.queue_timeout_s),
+              *curve]
         if self.api_keys:
-            gw += ["--api-keys", self.api_keys]
+            gw += ["--api-keys", self.api_keys,
+                   "--max-concurrency-per-key", str(self.max_concurrency_per_key)]
         self._spawn("gateway", "services.gateway", *gw)
         if self.admin_port:
             # loopback only, whatever --host says: it can drain workers (tunnel to reach it,
@@ -131,7 +161,11 @@ class Mesh:
         import json
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self.check_children()
+            self.supervisor.poll()
+            failed = [c["service"] for c in self.supervisor.status() if c["state"] == "failed"]
+            if failed:
+                raise RuntimeError(f"{', '.join(failed)} kept crashing at start (see "
+                                   f"{self.log_dir or 'the log above'})")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     body = json.loads(r.read())
@@ -143,28 +177,20 @@ class Mesh:
             time.sleep(0.3)
         raise TimeoutError(f"the mesh was not ready within {timeout_s:.0f}s")
 
-    def check_children(self) -> None:
-        for p in list(self.procs):
-            if p.poll() is not None:
-                if p.duet_name == "admin":   # serving goes on without its console
-                    print(f"duet: the admin console exited with code {p.returncode}; serving "
-                          f"continues", file=sys.stderr, flush=True)
-                    self.procs.remove(p)
-                    continue
-                raise RuntimeError(f"{p.duet_name} exited with code {p.returncode}")
+    def supervise(self) -> None:
+        """Restart what crashed (the supervisor's poll), from a background thread until
+        stop(): for a mesh run from Python (tests, benchmarks)."""
+        self._supervising = threading.Event()
+
+        def loop():
+            while not self._supervising.wait(0.2):
+                self.supervisor.poll()
+        threading.Thread(target=loop, name="duet-supervisor", daemon=True).start()
 
     def stop(self, grace_s: float = 10.0) -> None:
-        for p in reversed(self.procs):    # workers first, kvstore last
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
+        if getattr(self, "_supervising", None) is not None:
+            self._supervising.set()
+        self.supervisor.stop(grace_s)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
@@ -183,6 +209,7 @@ def start_mesh(model_dir, log_dir, **kw) -> Mesh:
     kw.setdefault("worker_blocks", 512)
     kw.setdefault("heartbeat_s", 0.5)
     kw.setdefault("admin_port", free_port())
+    kw.setdefault("supervisor_port", free_port())
     mesh = Mesh(model=str(model_dir), port=free_port(), log_dir=str(log_dir), **kw)
     try:
         mesh.start()
@@ -190,6 +217,7 @@ def start_mesh(model_dir, log_dir, **kw) -> Mesh:
     except BaseException:
         mesh.stop()
         raise
+    mesh.supervise()
     return mesh
 
 
@@ -217,8 +245,8 @@ def run_up(mesh: Mesh) -> int:
               + (f"  admin:       {mesh.admin_url}\n" if mesh.admin_url else "") +
               f"Press Ctrl-C to stop.", flush=True)
         while True:
-            mesh.check_children()
-            time.sleep(0.5)
+            mesh.supervisor.poll()
+            time.sleep(0.2)
     except KeyboardInterrupt:
         print("\nstopping Duet ...", flush=True)
         return 0

@@ -18,11 +18,18 @@ import click
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--threads", default=600, show_default=True, type=click.IntRange(4, 4096))
 @click.option("--heartbeat", "heartbeat_s", default=0.5, show_default=True, type=float)
+@click.option("--queue-timeout", "queue_timeout_s", default=30.0, show_default=True,
+              type=click.FloatRange(min=0),
+              help="seconds a request may wait for a worker before a 503 with Retry-After")
 @click.option("--api-keys", default=None, help="comma-separated keys; requests need one")
+@click.option("--max-concurrency-per-key", default=64, show_default=True,
+              type=click.IntRange(min=0), help="requests one API key may hold at once; more "
+              "get 429 (0: no limit)")
 @click.option("--curve-dir", default=None)
 @click.option("--log-level", default="INFO", show_default=True)
 def main(model, served_model_name, router_addr, tokenizer_addrs, kvstore_addr, host, port,
-         threads, heartbeat_s, api_keys, curve_dir, log_level):
+         threads, heartbeat_s, queue_timeout_s, api_keys, max_concurrency_per_key, curve_dir,
+         log_level):
     logging.basicConfig(level=log_level, format="%(asctime)s gateway[%(process)d] %(levelname)s %(message)s")
     from shared.models.hub import resolve_model
     from services.gateway.admin_routes import admin_blueprint
@@ -37,8 +44,8 @@ def main(model, served_model_name, router_addr, tokenizer_addrs, kvstore_addr, h
     keys = {k.strip() for k in api_keys.split(",") if k.strip()} if api_keys else None
     backend = BrokerClient(resolve_model(model), router_addr, list(tokenizer_addrs),
                           kvstore_addr or None, heartbeat_s=heartbeat_s, curve_dir=curve_dir,
-                          model_name=served_model_name or model)
-    app = create_app(backend, api_keys=keys)
+                          model_name=served_model_name or model, queue_timeout_s=queue_timeout_s)
+    app = create_app(backend, api_keys=keys, max_concurrency_per_key=max_concurrency_per_key)
     app.register_blueprint(admin_blueprint(backend, keys))
     logging.info("workers connect to %s", router_addr)
     try:

@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 from services.gateway.backend import Backend, Overloaded
 from services.gateway.generation import ClientGone, GenerationFailed, GenerationRun
 from services.gateway.http_metrics import GatewayMetrics
+from services.gateway.limits import KeyLimiter
 from services.gateway.openai_api import (ApiError, CompletionRequest, completion_logprobs,
                                          chat_logprobs, new_response_id, now, parse_chat,
                                          parse_completion, response_body, stream_chunk,
@@ -39,10 +40,13 @@ MAX_BODY_BYTES = 4 << 20
 
 def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=None,
                ttft_target_s: float = 2.0, tpot_target_s: float = 0.2,
-               max_body_bytes: int = MAX_BODY_BYTES) -> Flask:
+               max_body_bytes: int = MAX_BODY_BYTES, max_concurrency_per_key: int = 0) -> Flask:
     """The gateway app over `backend`. `tokenizer` (a shared.tokenization.Tokenizer for
     detokenization) defaults to backend.tokenizer. With api_keys, every /v1/ route
-    needs `Authorization: Bearer <key>`; /health and /metrics stay open."""
+    needs `Authorization: Bearer <key>`; /health and /metrics stay open. Each key is a
+    tenant ("key-0", "key-1", ... in sorted key order; "anonymous" without keys): the
+    broker queues fairly between tenants, and with max_concurrency_per_key a tenant
+    holding that many requests gets 429 with Retry-After for the next."""
     tokenizer = tokenizer or getattr(backend, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("create_app needs a tokenizer to detokenize: pass tokenizer= or "
@@ -53,7 +57,8 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
     metrics.watch_backend(backend)
     app.extensions["duet"] = {"backend": backend, "metrics": metrics}
     created = int(time.time())
-    keys = {k.encode() for k in api_keys or ()}
+    tenants = {k.encode(): f"key-{i}" for i, k in enumerate(sorted(api_keys or ()))}
+    limiter = KeyLimiter(max_concurrency_per_key if tenants else 0)   # keys only
 
     def token_text(token_id: int) -> str:
         return tokenizer.decode([token_id], skip_special_tokens=False)
@@ -61,13 +66,16 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
     @app.before_request
     def start_request():
         g.arrival, g.t0, g.request_id = time.time(), time.monotonic(), None
-        if keys and request.path.startswith("/v1/"):
+        g.tenant = "anonymous"
+        if tenants and request.path.startswith("/v1/"):
             auth = request.headers.get("Authorization", "")
             given = auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
-            if not any(hmac.compare_digest(given, k) for k in keys):
+            match = [t for k, t in tenants.items() if hmac.compare_digest(given, k)]
+            if not match:
                 problem = "invalid API key" if given else "missing API key"
                 raise ApiError(401, f"{problem}: send 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
+            g.tenant = match[0]
 
     @app.after_request
     def count_request(resp):
@@ -77,7 +85,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
 
     @app.errorhandler(ApiError)
     def api_error(e: ApiError):
-        return jsonify(e.body()), e.status
+        return jsonify(e.body()), e.status, e.headers
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
@@ -131,6 +139,19 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
 
     def generate(req: CompletionRequest):
         rid = g.request_id = new_response_id(req.endpoint)
+        slot = limiter.acquire(g.tenant)
+        if slot is None:
+            raise ApiError(429, f"API key {g.tenant} already has {limiter.max_concurrent} "
+                           f"requests running, its limit; retry when one finishes",
+                           type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+        try:
+            return start_generation(req, rid, slot)
+        except BaseException:
+            slot.release()
+            raise
+
+    def start_generation(req: CompletionRequest, rid: str, slot):
         t_tok = time.monotonic()
         prompt_ids = req.prompt_ids
         if prompt_ids is None:
@@ -140,7 +161,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
         timings = {"gateway_queue": t_tok - g.t0, "tokenize": time.monotonic() - t_tok}
         max_tokens = resolve_max_tokens(req, len(prompt_ids))
         run = GenerationRun(backend, tokenizer, metrics, req, rid, prompt_ids, max_tokens,
-                            g.arrival, g.t0, timings)
+                            g.arrival, g.t0, timings, slot.tenant, on_close=slot.release)
         backend_call(run.start, None)
         created_at = now()
         if req.stream:
@@ -219,15 +240,37 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
     return app
 
 
+MAX_NESTING = 32   # an OpenAI body nests a few levels (messages, content parts, schemas)
+
+
 def json_body():
-    """The request body as JSON; 413 when over the limit, 400 when not JSON."""
+    """The request body as JSON; 413 when over the limit, 400 when not JSON or nested
+    deeper than MAX_NESTING."""
     data = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     if not data.strip():
         raise ApiError(400, "request body is empty; expected a JSON object")
+    too_deep = ApiError(400, f"request body is nested more than {MAX_NESTING} levels deep")
     try:
-        return json.loads(data)
+        body = json.loads(data)
+    except RecursionError:
+        raise too_deep from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if _depth(body) > MAX_NESTING:
+        raise too_deep
+    return body
+
+
+def _depth(value) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iteratively)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            if d <= MAX_NESTING:
+                stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def backend_call(fn, param: str | None):
@@ -237,7 +280,8 @@ def backend_call(fn, param: str | None):
         return fn()
     except Overloaded as e:
         raise ApiError(503, f"server overloaded: {e}; retry later", type="server_error",
-                       code="overloaded") from None
+                       code="overloaded",
+                       headers={"Retry-After": str(getattr(e, "retry_after_s", 2))}) from None
     except GenerationFailed as e:
         raise ApiError(500, f"generation failed: {e}", code="generation_failed") from None
     except ValueError as e:

@@ -21,6 +21,7 @@ class ChoiceRequest:
     prompt_ids: list[int]
     params: SamplingParams
     arrival: float              # time.time() when the HTTP request arrived
+    tenant: str = "anonymous"   # whose request (an API key's name): fair queuing is per tenant
 
 
 @dataclass
@@ -35,7 +36,11 @@ class GenEvent:
 
 
 class Overloaded(Exception):
-    """No capacity for the request right now (HTTP 503)."""
+    """No capacity for the request right now (HTTP 503, with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int = 2):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Backend(Protocol):

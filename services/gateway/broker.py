@@ -12,7 +12,10 @@ A flight is one choice's life:
     queued -> prefilling -> handing_off -> decoding -> done     (disaggregated)
     queued -> decoding -> done                                   (colocated: a 'both' worker)
 
-A flight waits in `queued` (at most queue_timeout_s) while no worker can take it. A
+A flight waits in `queued` (at most queue_timeout_s) while no worker can take it, or
+while the mesh already runs as many requests as its decode slots hold (Router.capacity);
+queued flights leave in turn across tenants (API keys), oldest first within each, so
+one client's burst cannot starve another's requests. A
 worker that is lost (silent past the timeout, said goodbye, registered again) has its
 flights re-dispatched when no token of theirs reached the client yet (at most
 MAX_RETRIES times), and the others end with an error naming the worker. A hand-off not
@@ -30,7 +33,7 @@ from typing import Any, Callable
 from services.gateway.backend import ChoiceRequest, GenEvent, Overloaded
 from services.gateway.router import Router, WorkerInfo
 from shared import protocol as P
-from shared.transport import PeerTable
+from shared.transport import PeerTable, stuck_after_s
 from shared.wire import spec_from_params
 
 log = logging.getLogger("duet.gateway")
@@ -38,6 +41,7 @@ MAX_RETRIES = 2
 # worker error codes that mean "not now" rather than "this request is bad": before any
 # token reached the client they become a 503, so the client may retry
 UNAVAILABLE_CODES = ("no_blocks", "unavailable", "overloaded")
+RETRY_AFTER_S = 2   # what a 503 tells the client to wait
 
 
 class Stage(enum.Enum):
@@ -83,6 +87,8 @@ class Broker:
         self.router = Router()
         self.peers = PeerTable(timeout_s=heartbeat_s * liveness, clock=clock)
         self.flights: dict[str, Flight] = {}
+        self.queue: dict[str, Flight] = {}    # the queued ones, oldest first
+        self._turn: list[str] = []            # tenants in the order they are served next
         self.drained: set[str] = set()        # worker ids an operator drained
         self.counters = {"dispatched": 0, "redispatched": 0, "worker_deaths": 0, "errors": 0}
         self._told: dict[bytes, float] = {}   # unregistered peers last told to register
@@ -99,10 +105,11 @@ class Broker:
 
     # -- events from request threads and operators -----------------------------------------
     def start(self, flight: Flight) -> Outbox:
-        """A new flight: dispatch it now, or queue it while no worker can take it."""
-        flight.queued_at = self.clock()
+        """A new flight: queued, then dispatched at once if its turn and a worker allow."""
         self.flights[flight.request_id] = flight
-        if not self._dispatch(flight) and not self._may_wait(flight):
+        self._enqueue(flight)
+        self._dispatch_queued()
+        if flight.stage == Stage.QUEUED and not self._may_wait(flight):
             self._fail(flight, self._no_worker_message(), unavailable=True)
         return self._flush()
 
@@ -110,6 +117,7 @@ class Broker:
         """The client went away: stop the flight wherever it is and free what it holds."""
         f = self.flights.pop(request_id, None)
         if f is not None:
+            self.queue.pop(request_id, None)
             w = self.router.workers.get(f.worker) if f.worker is not None else None
             if w is not None:
                 w.inflight.discard(request_id)
@@ -118,6 +126,7 @@ class Broker:
                 # the decode worker may not have claimed yet; an extra release is harmless
                 self._release(f)
             f.stage = Stage.DONE
+            self._dispatch_queued()
         return self._flush()
 
     def set_role(self, worker_id: str, role: str) -> Outbox:
@@ -177,10 +186,9 @@ class Broker:
         for ident, _ in self.peers.purge():
             self._worker_lost(ident, "missed its heartbeats")
         self._dispatch_queued()
-        for f in [f for f in self.flights.values() if f.stage == Stage.QUEUED]:
-            if not self._may_wait(f):
-                self._fail(f, f"{self._no_worker_message()} (waited "
-                              f"{now - f.queued_at:.0f}s)", unavailable=True)
+        for f in [f for f in self.queue.values() if not self._may_wait(f)]:
+            self._fail(f, f"{self._no_worker_message()} (waited {now - f.queued_at:.0f}s)",
+                       unavailable=True)
         return self._flush()
 
     # -- reports (read from other threads under the client's lock) ---------------------------
@@ -190,13 +198,34 @@ class Broker:
         ok = bool(workers) and ("both" in roles or {"prefill", "decode"} <= roles)
         return {"ok": ok, "workers": workers, "inflight": len(self.flights),
                 "counters": dict(self.counters),
-                "queued": sum(f.stage == Stage.QUEUED for f in self.flights.values()),
+                "queued": len(self.queue), "capacity": self.router.capacity(),
                 "mode": "disaggregated" if self.router.disaggregated else "colocated"}
 
     def stats(self) -> dict:
         return dict(self.counters, inflight=len(self.flights), workers=len(self.router.workers))
 
     # -- dispatch ---------------------------------------------------------------------------
+    def _enqueue(self, f: Flight) -> None:
+        f.stage, f.worker, f.queued_at = Stage.QUEUED, None, self.clock()
+        self.queue[f.request_id] = f
+        if f.request.tenant not in self._turn:
+            self._turn.append(f.request.tenant)
+
+    def _dispatch_queued(self) -> None:
+        """Dispatch queued flights while there is room: the tenant whose turn it is sends
+        its oldest, then goes to the back of the line."""
+        while self.queue and len(self.flights) - len(self.queue) < self.router.capacity():
+            oldest = {}
+            for f in self.queue.values():
+                oldest.setdefault(f.request.tenant, f)
+            self._turn = [t for t in self._turn if t in oldest]
+            tenant = self._turn.pop(0)
+            if not self._dispatch(oldest[tenant]):
+                self._turn.insert(0, tenant)
+                return
+            if any(f.request.tenant == tenant for f in self.queue.values()):
+                self._turn.append(tenant)
+
     def _dispatch(self, f: Flight) -> bool:
         """Send a queued flight to a worker; False when none can take it now."""
         r = f.request
@@ -212,16 +241,12 @@ class Broker:
                 return False
             f.stage = Stage.DECODING
             msg = P.DecodeRequest(request_id=r.request_id, prompt_ids=r.prompt_ids, sampling=spec)
+        self.queue.pop(r.request_id, None)
         f.worker, f.t_dispatch = w.identity, self.wall_clock()
         w.inflight.add(r.request_id)
         self._send(w.identity, msg)
         self.counters["dispatched"] += 1
         return True
-
-    def _dispatch_queued(self) -> None:
-        for f in [f for f in self.flights.values() if f.stage == Stage.QUEUED]:
-            if not self._dispatch(f):
-                return
 
     def _may_wait(self, f: Flight) -> bool:
         return self.clock() - f.queued_at < self.queue_timeout_s
@@ -252,7 +277,8 @@ class Broker:
         if ident in self.router.workers:
             self._worker_lost(ident, "registered again")
         w = self.router.workers[ident] = WorkerInfo(ident, m.worker_id, m.role, m.total_blocks,
-                                                    m.free_blocks, m.block_size)
+                                                    m.free_blocks, m.block_size,
+                                                    max_seqs=m.max_seqs)
         if m.worker_id in self.drained:   # drained before it registered again: still drained
             w.draining = True
             self._send(ident, P.Drain(enable=True))
@@ -280,6 +306,10 @@ class Broker:
         w.free_blocks, w.running = m.free_blocks, m.running
         w.waiting, w.queued_tokens, w.assigned_tokens = m.waiting, m.queued_tokens, 0
         w.prefill_steps, w.decode_steps = m.prefill_steps, m.decode_steps
+        if m.busy_s > stuck_after_s(m.expected_s):
+            # alive (it heart-beats) but its engine makes no progress: as good as dead
+            self._worker_lost(w.identity, f"is stuck: a step has run {m.busy_s:.0f}s, "
+                                          f"expected {m.expected_s:.1f}s")
 
     def _on_prefill_done(self, w: WorkerInfo, m: P.PrefillDone) -> None:
         w.inflight.discard(m.request_id)
@@ -355,8 +385,9 @@ class Broker:
             f.retries += 1
             self.counters["redispatched"] += 1
             log.warning("request %s re-dispatched: %s", f.request_id, why)
-            f.stage, f.worker, f.queued_at = Stage.QUEUED, None, self.clock()
-            if not self._dispatch(f) and not self._may_wait(f):
+            self._enqueue(f)
+            self._dispatch_queued()
+            if f.stage == Stage.QUEUED and not self._may_wait(f):
                 self._fail(f, f"{why}, and {self._no_worker_message()}", unavailable=True)
         else:
             self._finish(f, GenEvent([], finish_reason="error",
@@ -367,16 +398,22 @@ class Broker:
         """End a flight with an error: a 503 when no token was sent and it is a matter of
         capacity, else an error event (mid-stream, or a request that cannot run)."""
         if unavailable and f.tokens_sent == 0:
-            self.flights.pop(f.request_id, None)
-            f.stage = Stage.DONE
-            self._out.deliveries.append((f.reply_to, Overloaded(message)))
+            self._end(f)
+            self._out.deliveries.append((f.reply_to, Overloaded(message, RETRY_AFTER_S)))
         else:
             self._finish(f, GenEvent([], finish_reason="error", error=message))
 
     def _finish(self, f: Flight, ev: GenEvent) -> None:
-        self.flights.pop(f.request_id, None)
-        f.stage = Stage.DONE
+        self._end(f)
         self._deliver(f, ev)
+
+    def _end(self, f: Flight) -> None:
+        self.flights.pop(f.request_id, None)
+        self.queue.pop(f.request_id, None)
+        was_active = f.stage != Stage.QUEUED
+        f.stage = Stage.DONE
+        if was_active:
+            self._dispatch_queued()   # its slot is free
 
     def _deliver(self, f: Flight, ev: GenEvent) -> None:
         self._out.deliveries.append((f.reply_to, ev))

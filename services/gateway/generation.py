@@ -96,11 +96,12 @@ class GenerationRun:
 
     def __init__(self, backend: Backend, tokenizer, metrics: GatewayMetrics,
                  req: CompletionRequest, request_id: str, prompt_ids: list[int],
-                 max_tokens: int, arrival: float, t0: float, gateway_timings: dict):
+                 max_tokens: int, arrival: float, t0: float, gateway_timings: dict,
+                 tenant: str = "anonymous", on_close: Callable[[], None] | None = None):
         self.backend, self.tokenizer, self.metrics = backend, tokenizer, metrics
         self.req, self.request_id, self.prompt_ids = req, request_id, prompt_ids
         self.max_tokens, self.arrival, self.t0 = max_tokens, arrival, t0
-        self.gateway_timings = gateway_timings
+        self.gateway_timings, self.tenant, self.on_close = gateway_timings, tenant, on_close
         self.choices: list[Choice] = []
         self._first_event = None
         self._closed = False
@@ -111,7 +112,8 @@ class GenerationRun:
             for i in range(self.req.n):
                 params = self.req.choice_params(i, self.max_tokens)
                 events = self.backend.generate(ChoiceRequest(
-                    f"{self.request_id}-{i}", self.prompt_ids, params, self.arrival))
+                    f"{self.request_id}-{i}", self.prompt_ids, params, self.arrival,
+                    self.tenant))
                 stream = TextStream(self.tokenizer, self.prompt_ids, params.stop,
                                     params.skip_special_tokens)
                 self.choices.append(Choice(i, events, stream, params.logprobs is not None,
@@ -162,6 +164,8 @@ class GenerationRun:
         if self._closed:
             return
         self._closed = True
+        if self.on_close is not None:
+            self.on_close()
         for c in self.choices:
             if not c.done:
                 c.close()

@@ -25,10 +25,12 @@ class ApiError(Exception):
     """An error with its HTTP status, rendered as OpenAI's {"error": {...}} body."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str | None = None, code: str | None = None):
+                 type: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "server_error")
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type,

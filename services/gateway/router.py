@@ -23,6 +23,7 @@ class WorkerInfo:
     pending_role: tuple[str, float] | None = None    # (role, monotonic deadline) just set
     prefill_steps: int = 0
     decode_steps: int = 0
+    max_seqs: int = 64                               # sequences it runs at once
 
     def as_dict(self) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "free_blocks": self.free_blocks,
@@ -71,6 +72,12 @@ class Router:
         best = max(fits, key=lambda w: (w.free_blocks, -w.running - len(w.inflight), w.worker_id))
         best.free_blocks = max(best.free_blocks - need, 0)  # until its next heartbeat
         return best
+
+    def capacity(self) -> int:
+        """How many requests the mesh runs at once: every admitted request ends up in a
+        decode slot ('both' workers only when colocated)."""
+        roles = ("decode", "both") if self.disaggregated else ("both",)
+        return sum(w.max_seqs for w in self.candidates(roles))
 
     @property
     def disaggregated(self) -> bool:

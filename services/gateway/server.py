@@ -7,12 +7,15 @@ replaces select() so more than 1024 sockets work.
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 
-from waitress.server import create_server
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer, create_server
+from waitress.task import ErrorTask
 
 log = logging.getLogger("duet.gateway.server")
 
@@ -39,6 +42,35 @@ def _adjustments(threads: int, connection_limit: int | None, channel_timeout: in
                 asyncore_loop_timeout=1)
 
 
+class _OpenAIErrorTask(ErrorTask):
+    """What waitress answers itself, before the app sees a request (a malformed request
+    line or chunked body, headers or a body over its limits): OpenAI's JSON error shape,
+    like every answer of the app."""
+
+    def execute(self):
+        e = self.request.error
+        body = json.dumps({"error": {
+            "message": f"{e.reason}: {str(e.body).strip()}",
+            "type": "invalid_request_error" if 400 <= e.code < 500 else "server_error",
+            "param": None, "code": None}}).encode()
+        self.status = f"{e.code} {e.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _Channel(HTTPChannel):
+    error_task_class = _OpenAIErrorTask
+
+
+def _use_openai_errors(server) -> None:
+    servers = [server] if isinstance(server, BaseWSGIServer) else [
+        s for s in server.map.values() if isinstance(s, BaseWSGIServer)]
+    for s in servers:
+        s.channel_class = _Channel
+
+
 class ServerHandle:
     """A waitress server running on a background thread; stop() shuts it down."""
 
@@ -47,6 +79,7 @@ class ServerHandle:
                  channel_timeout: int = 120):
         self.server = create_server(app, host=host, port=port,
                                     **_adjustments(threads, connection_limit, channel_timeout))
+        _use_openai_errors(self.server)
         port = getattr(self.server, "effective_port", None)  # one socket, or several:
         self.host, self.port = host, port or self.server.effective_listen[0][1]
         self._thread: threading.Thread | None = None

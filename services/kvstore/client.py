@@ -2,10 +2,13 @@
 
 One DEALER doing strict request/reply (Lazy Pirate): on a timeout it drops the socket and
 opens a fresh one, so a late reply can never be taken for the answer to the next request.
-Not thread-safe: one per thread. The pool's layout and open_pool() are in layout.py.
+After a timeout it fails fast ('unavailable') for retry_after_s, so a dead store costs its
+callers one timeout, not one per call. Not thread-safe: one per thread. The pool's layout
+and open_pool() are in layout.py.
 """
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -25,10 +28,14 @@ class KVStoreClient:
     """Synchronous request/reply to the KV store at `addr`."""
 
     def __init__(self, ctx: zmq.Context, addr: str, identity: str | None = None,
-                 curve: transport.CurveConfig | None = None, timeout_s: float = 5.0):
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s={timeout_s} must be > 0")
+                 curve: transport.CurveConfig | None = None, timeout_s: float = 5.0,
+                 retry_after_s: float = 1.0):
+        if timeout_s <= 0 or retry_after_s < 0:
+            raise ValueError(f"timeout_s={timeout_s} must be > 0 and retry_after_s="
+                             f"{retry_after_s} >= 0")
         self.ctx, self.addr, self.curve, self.timeout_s = ctx, addr, curve, timeout_s
+        self.retry_after_s = retry_after_s
+        self._down_until = 0.0
         self.identity = identity or f"kvc-{uuid.uuid4().hex[:12]}"
         self._sock: zmq.Socket | None = None
 
@@ -104,10 +111,14 @@ class KVStoreClient:
 
     def _call(self, msg: Msg, want: type[Msg]) -> Any:
         rid = getattr(msg, "request_id", None)
+        if time.monotonic() < self._down_until:
+            raise KVStoreError("unavailable", f"the store at {self.addr} did not answer a moment "
+                                              f"ago; trying again in under {self.retry_after_s}s", rid)
         sock = self._socket()
         transport.send_msg(sock, msg)
         if not sock.poll(int(self.timeout_s * 1000)):
             self.close()  # Lazy Pirate: a fresh socket drops any late reply
+            self._down_until = time.monotonic() + self.retry_after_s
             raise KVStoreError("timeout", f"no reply to {type(msg).__name__} from {self.addr} "
                                           f"within {self.timeout_s}s", rid)
         got = transport.recv_msg(sock)

@@ -58,7 +58,7 @@ class PoolSegment:
     KVPoolInfo that describes them. close() unlinks it (views elsewhere stay valid)."""
 
     def __init__(self, name: str, num_blocks: int, num_layers: int, block_size: int,
-                 num_kv_heads: int, head_dim: int, dtype: str):
+                 num_kv_heads: int, head_dim: int, dtype: str, epoch: int = 0):
         shape = pool_shape(num_blocks, num_layers, block_size, num_kv_heads, head_dim)
         pool_nbytes = numel(shape) * ITEMSIZE[dtype]
         self.nbytes = segment_nbytes(pool_nbytes, num_blocks)
@@ -67,7 +67,8 @@ class PoolSegment:
         self.generations = self.region.tensor("int64", [num_blocks], generations_offset(pool_nbytes))
         self.info = KVPoolInfo(handle=self.region.export(self.pool), num_blocks=num_blocks,
                                num_layers=num_layers, block_size=block_size,
-                               num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+                               num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+                               epoch=epoch)
 
     @property
     def name(self) -> str:

@@ -66,7 +66,7 @@ class KVPool:
 
     def __init__(self, num_blocks: int, block_size: int, lease_ttl_s: float,
                  clock: Callable[[], float] = time.monotonic,
-                 generations: torch.Tensor | None = None):
+                 generations: torch.Tensor | None = None, first_lease_id: int = 1):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
         if lease_ttl_s <= 0:
@@ -87,7 +87,7 @@ class KVPool:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached_free = 0  # blocks in _free that hold indexed content
         self._leases: dict[int, Lease] = {}
-        self._next_lease = 1
+        self._next_lease = first_lease_id   # a store's epoch picks its own range
         self.expired_leases = self.lookup_tokens = self.hit_tokens = 0
 
     # ---------------------------------------------------------------- queries

@@ -7,6 +7,7 @@ Both it and KVStoreClient satisfy KVStorePort, the interface workers are written
 from __future__ import annotations
 
 import os
+import random
 import time
 import uuid
 from typing import Any, Callable
@@ -20,16 +21,24 @@ from shared.protocol import KVLease, KVLookupReply, KVPoolInfo, KVStatsReply
 
 class KVStore:
     """One pool of `num_blocks` blocks for a model of this shape, in a fresh shm segment.
-    Refusals raise PoolError (a KVStoreError) naming the bad value."""
+    Refusals raise PoolError (a KVStoreError) naming the bad value.
+
+    Each KVStore is an epoch: a random number that names its segment and prefixes its
+    lease ids, so a worker holding a lease or a handle from a store that died and came
+    back is refused ('not_found', another pool) instead of touching someone else's blocks.
+    Lease ids stay below 2**52, so JSON readers (the console) see them exactly."""
 
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, num_kv_heads: int,
                  head_dim: int, dtype: str, lease_ttl_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic):
-        self.segment = PoolSegment(f"duet-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}", num_blocks,
-                                   num_layers, block_size, num_kv_heads, head_dim, dtype)
+        self.epoch = random.randrange(1, 1 << 20)
+        self.segment = PoolSegment(f"duet-kv-{os.getpid()}-{self.epoch:05x}-{uuid.uuid4().hex[:6]}",
+                                   num_blocks, num_layers, block_size, num_kv_heads, head_dim,
+                                   dtype, self.epoch)
         try:
             self.pool = KVPool(num_blocks, block_size, lease_ttl_s, clock,
-                               generations=self.segment.generations)
+                               generations=self.segment.generations,
+                               first_lease_id=self.epoch << 32)
         except BaseException:
             self.segment.close()
             raise
@@ -55,7 +64,7 @@ class KVStore:
     def acquire(self, request_id: str, token_ids: list[int], holder: str = "") -> KVLease:
         lease, blocks, gens, cached = self.pool.acquire(request_id, token_ids, holder)
         return KVLease(request_id=request_id, lease_id=lease, block_ids=blocks,
-                       generations=gens, num_cached_tokens=cached)
+                       generations=gens, num_cached_tokens=cached, pool=self.segment.name)
 
     def commit(self, request_id: str, lease_id: int, block_ids: list[int],
                token_ids: list[int]) -> None:
@@ -64,7 +73,7 @@ class KVStore:
     def claim(self, request_id: str, lease_id: int, holder: str = "") -> KVLease:
         blocks, gens = self.pool.claim(lease_id, holder)
         return KVLease(request_id=request_id, lease_id=lease_id, block_ids=blocks,
-                       generations=gens)
+                       generations=gens, pool=self.segment.name)
 
     def release(self, request_id: str, lease_id: int) -> None:
         self.pool.release(lease_id)
@@ -91,7 +100,8 @@ class KVStore:
     def status(self) -> dict[str, Any]:
         """Counts, the lease ledger, and the segment's handles (StatusReply data)."""
         gen = generations_handle(self.info.handle, self.info.num_blocks)
-        return {"stats": self.pool.stats(), "idle": self.pool.idle(), "ledger": self.pool.ledger(),
+        return {"epoch": self.epoch, "stats": self.pool.stats(), "idle": self.pool.idle(),
+                "ledger": self.pool.ledger(),
                 "dtype": self.dtype, "pool": msgspec.to_builtins(self.info.handle),
                 "generations": msgspec.to_builtins(gen)}
 

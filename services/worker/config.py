@@ -21,6 +21,7 @@ class WorkerConfig:
     # with hundreds of streams may ping late, and a reconnect aborts in-flight work.
     liveness: int = 20
     curve_dir: str | None = None
+    startup_timeout_s: float = 120.0     # how long to wait for the store at start
 
     def __post_init__(self):
         if self.role not in ROLES:

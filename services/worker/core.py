@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from services.kvstore.layout import StaleBlockError, open_pool
+from shared.buffers.shm import ShmRegion
 from services.kvstore.port import KVStoreError, KVStorePort
 from services.worker.handoff import DecodeClaim, PrefillLease
 from shared import protocol as P
@@ -32,6 +33,11 @@ from shared.engine.sampling_params import SamplingParams
 from shared.wire import logprobs_to_wire, params_from_spec
 
 log = logging.getLogger("duet.worker")
+STARTING_S_PER_TOKEN = 0.01   # until measured: a slow CPU's fp32 prefill rate
+
+
+def _tokens_done(engine: LLMEngine) -> int:
+    return engine.stats.prompt_tokens_computed + engine.stats.decode_tokens
 
 
 @dataclass
@@ -66,13 +72,18 @@ class WorkerCore:
             raise ValueError("role prefill needs a KV store (prefill writes into its blocks)")
         self.prefill_jobs: dict[str, PrefillJob] = {}
         self.decode_jobs: dict[str, DecodeJob] = {}
+        # progress, read by the IO thread: when the running step began (None: between
+        # steps), and what it should take at the measured seconds per token
+        self.step_started: float | None = None
+        self.step_expected_s = 0.0
+        self.s_per_token = STARTING_S_PER_TOKEN
         self._handlers = {P.PrefillRequest: self._on_prefill, P.DecodeRequest: self._on_decode,
                           P.Abort: self._on_abort, P.SetRole: self._on_set_role,
                           P.Drain: self._on_drain, P.StatusRequest: self._on_status}
 
-    def attach_store(self, store: KVStorePort) -> None:
+    def attach_store(self, store: KVStorePort, info: P.KVPoolInfo | None = None) -> None:
         """Map the store's pool and build the prefill engine over it (same model)."""
-        info = store.pool_info()
+        info = info or store.pool_info()
         pool, generations = open_pool(info)
         mc, eng = self.decode.model.config, self.decode
         want = (mc.num_layers, mc.num_kv_heads, mc.head_dim, eng.config.block_size)
@@ -88,6 +99,28 @@ class WorkerCore:
         self.prefill = LLMEngine(eng.model, eng.config, tuple(eng.eos_token_ids), eng.tokenizer,
                                  block_manager=LeasedBlockManager(info.num_blocks, info.block_size),
                                  kv_cache=StoreKVCache(pool))
+
+    def _same_epoch(self, pool_name: str) -> list[P.Msg] | None:
+        """The store's pool is `pool_name` now: re-attach if the store came back with a
+        new one (the prompts held here belonged to the old one and end with an error).
+        None when pool_name is not the store's current pool either (a stale handle)."""
+        if pool_name == self.pool_info.handle.base:
+            return []
+        info = self.store.pool_info()
+        if info.handle.base != pool_name:
+            return None
+        old = self.pool_info.handle.base
+        log.warning("the KV store restarted (pool %s -> %s, epoch %d): re-attaching", old,
+                    pool_name, info.epoch)
+        dropped = list(self.prefill_jobs)
+        for rid in dropped:
+            self.prefill_jobs.pop(rid)
+            self.prefill.abort(rid)
+        self.attach_store(self.store, info)
+        ShmRegion.attach(old).close()   # unmapped once the old engine's views are gone
+        return [P.ErrorReply(code="unavailable", request_id=rid,
+                             message="KV store unavailable: it restarted during the prefill")
+                for rid in dropped]
 
     # -- messages in ----------------------------------------------------------------------
     def handle(self, msg: P.Msg) -> list[P.Msg]:
@@ -126,6 +159,10 @@ class WorkerCore:
         self.prefill.check_prompt(req.prompt_ids, params)
         lease = PrefillLease.acquire(self.store, req.request_id, req.prompt_ids, self.worker_id)
         try:
+            msgs = self._same_epoch(lease.pool) if lease.pool else []
+            if msgs is None:
+                raise StaleBlockError(f"the store answered from pool {lease.pool!r}, which "
+                                      f"is not its current one")
             self.prefill.block_manager.assign(req.request_id, lease.block_ids, lease.cached_tokens)
             self.prefill.add_request(req.request_id, req.prompt_ids, params)
         except BaseException:
@@ -133,7 +170,7 @@ class WorkerCore:
             self._quietly(lease.release, req.request_id)
             raise
         self.prefill_jobs[req.request_id] = PrefillJob(req, want, lease, self.clock())
-        return []
+        return msgs
 
     def _on_decode(self, req: P.DecodeRequest) -> list[P.Msg]:
         params = params_from_spec(req.sampling)
@@ -150,6 +187,11 @@ class WorkerCore:
             # not claimed: the gateway may hand the lease to another decode worker
             return [P.ErrorReply(code="no_blocks", request_id=req.request_id,
                                  message=f"decode worker {self.worker_id} has no room")]
+        msgs = self._same_epoch(req.kv.handle.base)
+        if msgs is None:
+            raise StaleBlockError(f"request {req.request_id}: KV blocks live in pool "
+                                  f"{req.kv.handle.base!r}, which the store no longer serves "
+                                  f"(it restarted)")
         claim = DecodeClaim.claim(self.store, self.pool_info, req.request_id, req.lease_id, req.kv,
                                   self.worker_id)
         t_copy = self.clock()
@@ -161,7 +203,7 @@ class WorkerCore:
             self._quietly(claim.release, req.request_id)
         job.timings["kv_handoff"] = self.clock() - t_copy
         self.decode_jobs[req.request_id] = job
-        return []
+        return msgs
 
     def _on_abort(self, msg: P.Abort) -> list[P.Msg]:
         self.abort(msg.request_id, msg.reason)
@@ -190,11 +232,23 @@ class WorkerCore:
     def step(self) -> list[P.Msg]:
         """One prefill step and one decode step, each if it has work; the messages they
         produce. A failing engine step fails that engine's requests, not the worker."""
+        engines = [e for e in (self.prefill, self.decode) if e is not None and e.has_unfinished()]
+        tokens_before = sum(_tokens_done(e) for e in engines)
+        budget = sum(min(e.config.max_num_batched_tokens,
+                         e.scheduler.num_queued_tokens + len(e.scheduler.running)) for e in engines)
+        self.step_expected_s = max(budget, 1) * self.s_per_token
+        self.step_started = t0 = self.clock()
         out: list[P.Msg] = []
-        if self.prefill is not None and self.prefill.has_unfinished():
-            out += self._guarded(self._step_prefill, self.prefill_jobs)
-        if self.decode.has_unfinished():
-            out += self._guarded(self._step_decode, self.decode_jobs)
+        try:
+            if self.prefill is not None and self.prefill.has_unfinished():
+                out += self._guarded(self._step_prefill, self.prefill_jobs)
+            if self.decode.has_unfinished():
+                out += self._guarded(self._step_decode, self.decode_jobs)
+        finally:
+            self.step_started = None
+        done = sum(_tokens_done(e) for e in engines) - tokens_before
+        if done:   # seconds per token, smoothed: what the next step's expectation uses
+            self.s_per_token += 0.2 * ((self.clock() - t0) / done - self.s_per_token)
         return out
 
     def _guarded(self, step: Callable[[], list[P.Msg]], jobs: dict) -> list[P.Msg]:
@@ -306,7 +360,7 @@ class WorkerCore:
                           max_batch_tokens=eng.config.max_num_batched_tokens,
                           total_blocks=eng.block_manager.num_blocks,
                           free_blocks=eng.block_manager.num_free_blocks,
-                          block_size=eng.config.block_size)
+                          block_size=eng.config.block_size, max_seqs=eng.config.max_num_seqs)
 
     def heartbeat(self) -> P.Heartbeat:
         s = self.decode.scheduler
@@ -321,6 +375,14 @@ class WorkerCore:
         return {"worker_id": self.worker_id, "role": self.role, "draining": self.draining,
                 "decode": self.decode.idle_counts(), "prefill_jobs": len(self.prefill_jobs),
                 "decode_jobs": len(self.decode_jobs)}
+
+    def progress(self, now: float) -> tuple[float, float]:
+        """(busy_s, expected_s) of the running step, (0, 0) between steps; safe to call
+        from another thread."""
+        started = self.step_started
+        if started is None:
+            return 0.0, 0.0
+        return max(now - started, 0.0), self.step_expected_s
 
     @staticmethod
     def _quietly(fn: Callable[[], None], rid: str | None) -> None:

@@ -30,13 +30,14 @@ class PrefillLease:
     block_ids: list[int]
     generations: list[int]
     cached_tokens: int          # leading tokens whose KV the store already had
+    pool: str = ""              # the store pool (epoch) the blocks belong to
 
     @classmethod
     def acquire(cls, store: KVStorePort, request_id: str, prompt_ids: list[int],
                 holder: str) -> "PrefillLease":
         lease = store.acquire(request_id, prompt_ids, holder)
         return cls(store, request_id, lease.lease_id, list(lease.block_ids),
-                   list(lease.generations), lease.num_cached_tokens)
+                   list(lease.generations), lease.num_cached_tokens, lease.pool)
 
     def check(self, generations: torch.Tensor, when: str) -> None:
         """StaleBlockError if the store gave any of our blocks to someone else (the lease

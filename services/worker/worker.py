@@ -13,12 +13,14 @@ Three threads, so neither liveness nor leases wait for the model:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
 import time
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 
 from services.worker.config import WorkerConfig
@@ -26,15 +28,32 @@ from services.worker.core import WorkerCore
 from shared import protocol as P
 from shared.engine.engine import LLMEngine
 from shared.transport import (CurveConfig, Liveness, close_context, connect_dealer, make_context,
-                              recv_msg, send_msg)
+                              recv_msg, send_msg, stuck_after_s)
 
 log = logging.getLogger("duet.worker")
+STORE_TIMEOUT_S = 2.0
 
 
 @dataclass
 class AbortAll:
     """IO thread -> engine thread: drop every request (the gateway forgot them)."""
     reason: str
+
+
+def _wait_for(store, timeout_s: float) -> None:
+    """The store may still be starting (or restarting): wait for its first answer."""
+    from services.kvstore.client import KVStoreError
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            store.pool_info()
+            return
+        except KVStoreError as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the KV store at {store.addr} did not answer within "
+                                   f"{timeout_s:.0f}s: {e}") from None
+            log.info("waiting for the KV store at %s (%s)", store.addr, e.code)
+            time.sleep(0.5)
 
 
 class Worker:
@@ -45,8 +64,10 @@ class Worker:
         store = None
         if config.kvstore_addr:
             from services.kvstore.client import KVStoreClient
+            # store calls take milliseconds: a short timeout bounds what a dead store costs
             store = KVStoreClient(self.ctx, config.kvstore_addr, f"{config.worker_id}-kv",
-                                  curve=self.curve)
+                                  curve=self.curve, timeout_s=STORE_TIMEOUT_S)
+            _wait_for(store, config.startup_timeout_s)
         self.core = WorkerCore(config.worker_id, config.role,
                                engine or LLMEngine.from_config(config.engine), store)
         self.devices = [config.engine.device]
@@ -121,8 +142,7 @@ class Worker:
                 if self.sock in events:
                     self._read_gateway()
                 if self.gateway.heartbeat_due():
-                    send_msg(self.sock, self._snapshot[1])
-                    self.gateway.sent()
+                    self._heartbeat()
                 if not self.gateway.alive:
                     poller.unregister(self.sock)
                     self._reconnect()
@@ -135,6 +155,19 @@ class Worker:
             self._forward(pipe)   # the engine's last words (aborts) still reach the gateway
             pipe.close(linger=0)
             self.close()
+
+    def _heartbeat(self) -> None:
+        """The engine's latest Heartbeat, with how long its running step has taken. A step
+        far past what it should take (twice what the gateway calls stuck) ends the process:
+        its supervisor starts a fresh one."""
+        busy_s, expected_s = self.core.progress(time.monotonic())
+        if busy_s > 2 * stuck_after_s(expected_s):
+            log.critical("engine stuck: a step has run %.0fs (expected %.1fs); exiting so the "
+                         "supervisor restarts this worker", busy_s, expected_s)
+            os._exit(3)
+        send_msg(self.sock, msgspec.structs.replace(self._snapshot[1], busy_s=round(busy_s, 3),
+                                                    expected_s=round(expected_s, 3)))
+        self.gateway.sent()
 
     def _connect_gateway(self) -> None:
         if self.sock is not None:
@@ -186,6 +219,9 @@ class Worker:
             self.inbox.put(msg)
 
     def _on_gateway_error(self, msg: P.ErrorReply) -> None:
+        busy_s, expected_s = self.core.progress(time.monotonic())
+        if busy_s > stuck_after_s(expected_s):
+            return   # the gateway gave us up as stuck: not back until the step ends
         if msg.code == "not_found" and time.monotonic() - self._last_register > 1.0:
             # the gateway lost track of us (it restarted, or purged us while we were
             # silent); what it had sent us was re-dispatched or failed there
@@ -199,7 +235,7 @@ class Worker:
     def _keep_leases(self) -> None:
         from services.kvstore.client import KVStoreClient, KVStoreError
         with KVStoreClient(self.ctx, self.cfg.kvstore_addr, f"{self.cfg.worker_id}-leases",
-                           curve=self.curve) as kv:
+                           curve=self.curve, timeout_s=STORE_TIMEOUT_S) as kv:
             while not self.stop_event.wait(self.cfg.heartbeat_s):
                 ids = self._snapshot[2]
                 if ids:

@@ -31,10 +31,10 @@ def broker(clock, **kw) -> Broker:
     return Broker(heartbeat_s=0.5, liveness=6, clock=clock, wall_clock=clock, **kw)
 
 
-def register(b, worker_id, role, free=100):
+def register(b, worker_id, role, free=100, max_seqs=64):
     out = b.on_message(worker_id.encode(), P.Register(
         worker_id=worker_id, role=role, model="m", devices=["cpu"], max_batch_tokens=512,
-        total_blocks=100, free_blocks=free))
+        total_blocks=100, free_blocks=free, max_seqs=max_seqs))
     return out
 
 
@@ -45,9 +45,9 @@ def beat(b, worker_id, role=None, free=100):
         queued_tokens=0))
 
 
-def flight(rid="r1", max_tokens=8) -> Flight:
+def flight(rid="r1", max_tokens=8, tenant="anonymous") -> Flight:
     return Flight(ChoiceRequest(rid, PROMPT, SamplingParams(temperature=0, max_tokens=max_tokens),
-                                arrival=0.0), reply_to=rid)
+                                arrival=0.0, tenant=tenant), reply_to=rid)
 
 
 def prefill_done(rid="r1", token=7, lease=5, finish=None) -> P.PrefillDone:
@@ -328,3 +328,55 @@ def test_a_lost_worker_is_named_so_the_store_drops_its_leases(clock):
     out = b.on_message(b"prefill-0", P.Goodbye(worker_id="prefill-0"))
     assert out.lost_workers == ["prefill-0"]
     assert b.tick().lost_workers == []
+
+
+def test_the_mesh_runs_no_more_than_its_decode_slots_and_queues_the_rest(clock):
+    b = broker(clock, queue_timeout_s=30)
+    register(b, "both-0", "both", max_seqs=2)
+    for rid in ("a", "b", "c"):
+        b.start(flight(rid))
+    assert [b.flights[r].stage for r in "abc"] == [Stage.DECODING, Stage.DECODING, Stage.QUEUED]
+    assert b.health()["capacity"] == 2 and b.health()["queued"] == 1
+    out = b.on_message(b"both-0", tokens("a", ids=[1], finish="stop"))   # a slot frees
+    assert [(who, m.request_id) for who, m in sent(out)] == [("both-0", "c")]
+
+
+def test_queued_flights_leave_in_turn_across_tenants(clock):
+    b = broker(clock, queue_timeout_s=30)
+    register(b, "both-0", "both", max_seqs=1)
+    b.start(flight("greedy-0", tenant="key-1"))            # runs
+    for i in range(1, 5):
+        b.start(flight(f"greedy-{i}", tenant="key-1"))     # queued
+    b.start(flight("polite", tenant="key-2"))              # queued after all of them
+    order = []
+    for rid in ["greedy-0", None, None, None]:
+        running = rid or order[-1]
+        out = b.on_message(b"both-0", tokens(running, ids=[1], finish="stop"))
+        order += [m.request_id for _, m in sent(out, P.DecodeRequest)]
+    assert order == ["greedy-1", "polite", "greedy-2", "greedy-3"]
+
+
+def test_a_503_says_when_to_retry(clock):
+    b = broker(clock)
+    [(_, ev)] = b.start(flight()).deliveries
+    assert isinstance(ev, Overloaded) and ev.retry_after_s >= 1
+
+
+def test_slow_is_not_stuck_and_stuck_is_dropped(clock):
+    b = broker(clock)
+    register(b, "prefill-0", "prefill")
+    register(b, "prefill-1", "prefill")
+    register(b, "decode-0", "decode")
+    f = flight()
+    b.start(f)
+    held = f.worker.decode()
+
+    def hb(busy, expected):
+        return b.on_message(held.encode(), P.Heartbeat(
+            worker_id=held, role="prefill", free_blocks=100, running=1, waiting=0,
+            queued_tokens=40, busy_s=busy, expected_s=expected))
+    assert not hb(25.0, 1.0).sends               # a long step, heart-beating: slow
+    assert not hb(45.0, 5.0).sends               # 45 s is within 10 x its expected 5 s
+    out = hb(45.0, 1.0)                          # 45 s for a 1 s step: stuck
+    assert out.lost_workers == [held] and f.retries == 1
+    assert [type(m) for _, m in sent(out)] == [P.PrefillRequest] and f.worker != held.encode()

@@ -267,3 +267,43 @@ def test_a_prompt_whose_blocks_were_given_away_is_never_written(model, store):
     assert not core.has_work() and core.lease_ids() == []
     store.release("thief", thief.lease_id)
     assert store.pool.idle()
+
+
+def test_a_restarted_store_is_a_new_epoch_the_worker_reattaches_to(model, store):
+    """The store dies and another takes its address: a fresh segment, other lease ids.
+    Handles from the old epoch are refused; the next prompt re-attaches and is served."""
+    class Swappable:
+        def __init__(self, s):
+            self.s = s
+
+        def __getattr__(self, name):
+            return getattr(self.s, name)
+
+    port = Swappable(store)
+    pre = WorkerCore("prefill-0", "prefill", engine(model), port)
+    dec = WorkerCore("decode-0", "decode", engine(model), port)
+    pre.handle(prefill_req("old"))
+    [done] = run(pre)
+    pre.handle(prefill_req("queued"))                  # held here when the store dies
+    new = KVStore(num_blocks=32, block_size=16, num_layers=2, num_kv_heads=2, head_dim=16,
+                  dtype="float32")
+    try:
+        assert new.epoch != store.epoch and new.segment.name != store.segment.name
+        port.s = new
+        [err] = dec.handle(handoff(done))              # an old-epoch lease: refused
+        assert err.code == "not_found" and "unknown" in err.message
+        with pytest.raises(KVStoreError, match="unknown"):
+            new.release("old", done.lease_id)          # old lease ids mean nothing here
+        msgs = pre.handle(prefill_req("fresh"))
+        assert [(m.request_id, m.code) for m in msgs] == [("queued", "unavailable")]
+        assert pre.pool_info.handle.base == new.segment.name
+        [done2] = run(pre)
+        assert done2.kv.handle.base == new.segment.name and done2.first_token == done.first_token
+        assert dec.handle(handoff(done2)) == []        # the decode side re-attaches too
+        got = [done2.first_token] + [t for b in run(dec) for t in b.ids]
+        assert got == reference(model)
+        assert new.pool.idle()
+        [err] = dec.handle(handoff(done))              # and refuses the old pool by name
+        assert err.code == "stale_kv" and "no longer serves" in err.message
+    finally:
+        new.close()
