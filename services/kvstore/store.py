@@ -92,7 +92,8 @@ class KVStore:
 
     def allocate(self, request_id: str, num_blocks: int, lease_id: int | None = None) -> KVLease:
         lease, blocks, gens = self.pool.allocate(request_id, num_blocks, lease_id)
-        return KVLease(request_id=request_id, lease_id=lease, block_ids=blocks, generations=gens)
+        return KVLease(request_id=request_id, lease_id=lease, block_ids=blocks, generations=gens,
+                       pool=self.segment.name)
 
     def stats(self) -> KVStatsReply:
         return KVStatsReply(**self.pool.stats())

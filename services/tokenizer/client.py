@@ -26,17 +26,19 @@ class TokenizerClient:
     One DEALER connects to every address and ZeroMQ spreads requests round-robin over
     the connected services. Calls are serialized by a lock (zmq sockets are not
     thread-safe) and matched to replies by request id, so a late reply to a timed-out
-    call is discarded instead of answering the next one.
+    call is discarded instead of answering the next one. A request unanswered after
+    retry_s is sent again (tokenizing is idempotent): one lost with a service that died
+    reaches its restarted successor, or another service, well before timeout_s.
     """
 
     def __init__(self, ctx: zmq.Context, addrs: str | list[str], timeout_s: float = 5.0,
-                 curve: CurveConfig | None = None):
+                 curve: CurveConfig | None = None, retry_s: float = 1.0):
         addrs = [addrs] if isinstance(addrs, str) else list(addrs)
         if not addrs:
             raise ValueError("TokenizerClient needs at least one address")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s} must be > 0")
-        self.timeout_s = timeout_s
+        self.timeout_s, self.retry_s = timeout_s, min(retry_s, timeout_s)
         self.sock = connect_dealer(ctx, addrs[0], f"tokc-{uuid.uuid4().hex[:12]}", curve)
         for addr in addrs[1:]:
             self.sock.connect(addr)
@@ -83,10 +85,20 @@ class TokenizerClient:
 
     def _call(self, req: p.Msg, reply_type: type) -> p.Msg:
         with self._lock:
-            self._send(req)
             deadline = time.monotonic() + self.timeout_s
+            self._send(req)
+            resend = time.monotonic() + self.retry_s
             while True:
-                reply = self._recv(deadline, req.request_id)
+                try:
+                    reply = self._recv(min(deadline, resend), req.request_id)
+                except TokenizerError:
+                    if time.monotonic() >= deadline:
+                        raise TokenizerError(f"no reply from the tokenizer service for "
+                                             f"{req.request_id} within {self.timeout_s}s",
+                                             "timeout") from None
+                    self._send(req)   # lost with a service that died: ask again
+                    resend = time.monotonic() + self.retry_s
+                    continue
                 if getattr(reply, "request_id", None) != req.request_id:
                     continue  # a late answer to an earlier, timed-out call
                 if isinstance(reply, p.ErrorReply):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 
 import openai
@@ -22,7 +23,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr
 def disagg(smollm2_dir, tmp_path_factory):
     """1 prefill + 1 decode worker, kvstore, tokenizer, gateway and the admin console, as
     separate processes. Tests that flip roles or drain workers put them back."""
-    mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("admin-logs"), prefill=1, decode=1)
+    mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("admin-logs"), prefill=1, decode=1,
+                      queue_timeout_s=3)
     yield mesh
     mesh.stop()
 
@@ -106,20 +108,34 @@ def test_console_refuses_foreign_hosts_origins_and_framing(disagg):
     assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
 
 
-def test_all_workers_drained_is_503_and_not_ready(disagg):
+def test_all_workers_drained_waits_then_is_503_and_not_ready(disagg):
+    drain = lambda on: [requests.post(f"{disagg.url}/admin/workers/{wid}/drain",  # noqa: E731
+                                      json={"enable": on}).status_code
+                        for wid in ("prefill-0", "decode-0")]
+    body = {"model": "smollm2", "prompt": "Hi", "max_tokens": 2}
     try:
-        for wid in ("prefill-0", "decode-0"):
-            assert requests.post(f"{disagg.url}/admin/workers/{wid}/drain",
-                                 json={"enable": True}).status_code == 200
+        assert drain(True) == [200, 200]
         health = requests.get(disagg.url + "/health", timeout=10)
         assert health.status_code == 503 and health.json()["ok"] is False
-        r = requests.post(disagg.url + "/v1/completions",
-                          json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2})
-        assert r.status_code == 503
+        # a request waits in the gateway's queue: served once a worker takes requests again
+        waited = {}
+        t = threading.Thread(target=lambda: waited.update(
+            r=requests.post(disagg.url + "/v1/completions", json=body, timeout=30)))
+        t.start()
+        time.sleep(1.0)
+        assert requests.get(disagg.url + "/health", timeout=10).json()["queued"] == 1
+        assert drain(False) == [200, 200]
+        t.join(30)
+        assert waited["r"].status_code == 200 and waited["r"].json()["choices"][0]["text"]
+        # past the queue timeout (3 s here): a 503 that says when to retry and why
+        assert drain(True) == [200, 200]
+        t0 = time.monotonic()
+        r = requests.post(disagg.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 503 and time.monotonic() - t0 >= 2.5
+        assert int(r.headers["Retry-After"]) >= 1
         assert "drained: decode-0, prefill-0" in r.json()["error"]["message"]
     finally:
-        for wid in ("prefill-0", "decode-0"):
-            requests.post(f"{disagg.url}/admin/workers/{wid}/drain", json={"enable": False})
+        drain(False)
     assert requests.get(disagg.url + "/health", timeout=10).status_code == 200
     wait_idle(disagg)
 
