@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 soak: setup
-	$(BIN)/python -m pytest -q -m slow tests
+	$(BIN)/python -m pytest -q -s -m slow tests
 
 bench: setup
 	$(BIN)/python tools/bench_engine.py

@@ -104,6 +104,7 @@ class Register(Msg, tag="reg"):
     pp: Positive = 1
     block_size: Positive = 16
     max_seqs: Positive = 64      # sequences it runs at once: the gateway admits no more
+    incarnation: str = ""        # this worker process's own: a restart under the same id has another
 
 
 class Heartbeat(Msg, tag="hb"):

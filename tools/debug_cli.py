@@ -275,6 +275,7 @@ def status(url, kvstore_addr, tokenizer_addr, curve_dir, insecure, timeout_s, as
     info = running_mesh() or {"addr": {}}
     src = Sources(gateway_url(url), kvstore_addr or info["addr"].get("kvstore"),
                   tokenizer_addr or info["addr"].get("tokenizer"),
+                  supervisor_url=info.get("supervisor_url"),
                   curve_dir=_curve_dir(curve_dir, insecure), timeout_s=timeout_s)
     try:
         snap = src.snapshot()
@@ -307,6 +308,15 @@ def status(url, kvstore_addr, tokenizer_addr, curve_dir, insecure, timeout_s, as
         click.echo("tokenizer: " + (f"DOWN ({tok['error']})" if "error" in tok else
                                     f"up, vocab {tok.get('vocab_size')}, "
                                     f"{tok.get('tokenize', 0)} encodes"))
+    svc = snap.get("services")
+    if svc is not None:
+        if "error" in svc:
+            click.echo(f"supervisor: unreachable ({svc['error']})")
+        else:
+            click.echo("services: " + ", ".join(
+                f"{r['service']} {'up' if r['up'] else 'DOWN'}"
+                + (f" ({r['restarts']} restarts)" if r["restarts"] else "")
+                for r in svc["services"]))
     m = snap["metrics"]
     if "error" not in m:
         ms = lambda s: "-" if s is None else f"{s * 1e3:.1f} ms"  # noqa: E731

@@ -48,9 +48,10 @@ class Child:
 
 class Supervisor:
     def __init__(self, max_crashes: int = 5, window_s: float = 60.0,
-                 on_event: Callable[[str], None] | None = None):
+                 on_event: Callable[[str], None] | None = None,
+                 backoff_s: tuple[float, ...] = BACKOFF_S):
         self.children: dict[str, Child] = {}
-        self.max_crashes, self.window_s = max_crashes, window_s
+        self.max_crashes, self.window_s, self.backoff_s = max_crashes, window_s, backoff_s
         self.on_event = on_event or (lambda line: print(f"duet: {line}", file=sys.stderr,
                                                         flush=True))
         self._lock = threading.RLock()
@@ -105,7 +106,7 @@ class Supervisor:
                           f"{len(child.crashes)} times within {self.window_s:.0f}s: marked "
                           f"FAILED, not restarted; the rest of the mesh keeps serving")
             return
-        delay = BACKOFF_S[min(len(child.crashes) - 1, len(BACKOFF_S) - 1)]
+        delay = self.backoff_s[min(len(child.crashes) - 1, len(self.backoff_s) - 1)]
         child.state, child.next_start = "backoff", now + delay
         self.on_event(f"{child.name} exited with code {child.last_exit}; restarting in "
                       f"{delay:g}s")

@@ -35,6 +35,7 @@ class Mesh:
     dtype: str = "auto"
     kv_blocks: int = 2048
     worker_blocks: int = 2048
+    max_num_seqs: int = 64               # sequences each worker runs at once
     curve_dir: str | None = None         # None: fresh keys in the run dir, unless insecure
     insecure: bool = False               # no CURVE at all (any local process may join)
     api_keys: str | None = None
@@ -147,10 +148,12 @@ class Mesh:
             self._spawn("admin", "services.admin", "--gateway-url", self.url,
                         "--kvstore-addr", self.addr["kvstore"], "--tokenizer-addr",
                         self.addr["tokenizer"], "--host", "127.0.0.1",
-                        "--port", str(self.admin_port), *curve, env=env)
+                        "--port", str(self.admin_port), *curve, env=env,
+                        *(["--supervisor-url", self.supervisor_url] if self.supervisor_url else []))
         common = ["--model", model_dir, "--dtype", dtype, "--gateway-addr", self.addr["gateway"],
                   "--kvstore-addr", self.addr["kvstore"], "--threads", threads,
-                  "--num-kv-blocks", str(self.worker_blocks), "--heartbeat", str(self.heartbeat_s), *curve]
+                  "--num-kv-blocks", str(self.worker_blocks), "--max-num-seqs", str(self.max_num_seqs),
+                  "--heartbeat", str(self.heartbeat_s), *curve]
         roles = [("both", 1)] if self.colocated else [("prefill", self.prefill), ("decode", self.decode)]
         for role, count in roles:
             for i in range(count):
@@ -176,6 +179,40 @@ class Mesh:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"the mesh was not ready within {timeout_s:.0f}s")
+
+    def kv_status(self, timeout_s: float = 5.0) -> dict:
+        """The store's status reply (counts, the lease ledger, its epoch)."""
+        from services.kvstore.client import KVStoreClient
+        from shared.transport import close_context, make_context
+        ctx = make_context()
+        try:
+            with KVStoreClient(ctx, self.addr["kvstore"], f"probe-{os.getpid()}",
+                               curve=self.client_curve(), timeout_s=timeout_s) as kv:
+                return kv.status()
+        finally:
+            close_context(ctx)
+
+    def wait_idle(self, timeout_s: float = 20) -> tuple[dict, dict]:
+        """Wait until every pool is back to idle: no live lease in the store, nothing
+        running, waiting or in flight on any worker, every worker block free. Returns the
+        store's status and /health; AssertionError naming what is still busy."""
+        import json
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                st = self.kv_status()
+                with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
+                    health = json.loads(r.read())
+            except Exception as e:   # a service restarting (OSError, KVStoreError): ask again
+                st, health = {"ledger": [f"unreachable: {e}"]}, {"workers": [], "inflight": 1}
+            busy = [w for w in health["workers"] if w["running"] or w["waiting"] or w["inflight"]]
+            full = all(w["free_blocks"] == w["total_blocks"] for w in health["workers"])
+            if not st["ledger"] and not busy and full and not health["inflight"]:
+                return st, health
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not idle: ledger={st['ledger']} "
+                                     f"workers={health['workers']}")
+            time.sleep(0.2)
 
     def supervise(self) -> None:
         """Restart what crashed (the supervisor's poll), from a background thread until

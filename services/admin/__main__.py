@@ -14,6 +14,8 @@ import click
               help="'' to leave the KV-store out")
 @click.option("--tokenizer-addr", default="ipc:///tmp/duet/tokenizer.sock", show_default=True,
               help="'' to leave the tokenizer out")
+@click.option("--supervisor-url", default=None,
+              help="duet up's supervisor metrics (restarts per service), e.g. http://127.0.0.1:8002")
 @click.option("--curve-dir", default=None, help="the mesh's CURVE keys (duet keys generate)")
 @click.option("--api-key", default=None, envvar="DUET_API_KEY",
               help="a gateway API key, when the gateway requires one [env DUET_API_KEY]")
@@ -24,15 +26,15 @@ import click
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8001, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--log-level", default="INFO", show_default=True)
-def main(gateway_url, kvstore_addr, tokenizer_addr, curve_dir, api_key, token, allow_hosts, host,
-         port, log_level):
+def main(gateway_url, kvstore_addr, tokenizer_addr, supervisor_url, curve_dir, api_key, token,
+         allow_hosts, host, port, log_level):
     logging.basicConfig(level=log_level, format="%(asctime)s admin[%(process)d] %(levelname)s %(message)s")
     from services.admin.app import create_app
     from services.admin.sources import Sources
     from services.gateway.server import serve
     try:
         sources = Sources(gateway_url, kvstore_addr or None, tokenizer_addr or None,
-                          curve_dir=curve_dir, api_key=api_key)
+                          supervisor_url=supervisor_url, curve_dir=curve_dir, api_key=api_key)
     except ValueError as e:
         raise click.BadParameter(str(e))
     if host not in ("127.0.0.1", "localhost", "::1") and not token:

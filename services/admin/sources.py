@@ -34,6 +34,7 @@ class Sources:
     gateway_url: str
     kvstore_addr: str | None = None
     tokenizer_addr: str | None = None
+    supervisor_url: str | None = None    # `duet up`'s supervisor metrics (restarts)
     curve_dir: str | None = None
     api_key: str | None = None
     timeout_s: float = 3.0
@@ -77,6 +78,12 @@ class Sources:
         if status != 200:
             raise RuntimeError(f"GET /metrics answered {status}")
         return summarize_metrics(raw.decode())
+
+    def supervisor_status(self) -> list[dict]:
+        """Every service `duet up` supervises: up or not, and how often it restarted."""
+        with urllib.request.urlopen(self.supervisor_url.rstrip("/") + "/metrics",
+                                    timeout=self.timeout_s) as r:
+            return summarize_services(r.read().decode())
 
     def admin(self, worker_id: str, action: str, body: dict) -> dict:
         """POST /admin/workers/<id>/<action> on the gateway; ActionError on failure."""
@@ -152,6 +159,8 @@ class Sources:
             reads.append(("kvstore", self.kvstore_status))
         if self.tokenizer_addr:
             reads.append(("tokenizer", self.tokenizer_status))
+        if self.supervisor_url:
+            reads.append(("services", lambda: {"services": self.supervisor_status()}))
         def one(read):
             try:
                 return read()
@@ -215,6 +224,22 @@ def _latency_row(h: dict) -> dict:
     n = h["count"]
     return {"count": int(n), "mean_s": h["sum"] / n if n else None,
             "p50_s": _quantile(h["buckets"], n, 0.5), "p90_s": _quantile(h["buckets"], n, 0.9)}
+
+
+def summarize_services(text: str) -> list[dict]:
+    """The supervisor's /metrics as rows: service, up, restarts."""
+    rows: dict[str, dict] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            name = s.labels.get("service")
+            if name is None:
+                continue
+            row = rows.setdefault(name, {"service": name, "up": None, "restarts": 0})
+            if s.name == "duet_service_up":
+                row["up"] = bool(s.value)
+            elif s.name == "duet_restarts_total":
+                row["restarts"] = int(s.value)
+    return list(rows.values())
 
 
 def summarize_metrics(text: str) -> dict:

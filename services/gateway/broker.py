@@ -42,6 +42,7 @@ MAX_RETRIES = 2
 # token reached the client they become a 503, so the client may retry
 UNAVAILABLE_CODES = ("no_blocks", "unavailable", "overloaded")
 RETRY_AFTER_S = 2   # what a 503 tells the client to wait
+RENEW_EVERY_S = 5.0  # how often a waiting hand-off's lease is renewed (well inside its TTL)
 
 
 class Stage(enum.Enum):
@@ -63,7 +64,9 @@ class Flight:
     queued_at: float = 0.0                # broker clock
     t_dispatch: float = 0.0               # wall clock, for the gateway_queue stage
     handoff: P.PrefillDone | None = None  # prefill's result, until a decode worker claims it
-    tried_decode: set = field(default_factory=set)
+    tried_decode: set = field(default_factory=set)   # incarnations that refused or died
+    handoff_since: float | None = None    # broker clock: waiting for a decode worker since
+    renewed_at: float = 0.0               # broker clock: its lease last renewed while waiting
 
     @property
     def request_id(self) -> str:
@@ -75,6 +78,7 @@ class Outbox:
     sends: list[tuple[bytes, P.Msg]] = field(default_factory=list)
     deliveries: list[tuple[Any, GenEvent | Exception]] = field(default_factory=list)
     releases: list[tuple[str, int]] = field(default_factory=list)   # (request id, lease id)
+    renewals: list[int] = field(default_factory=list)       # leases the gateway keeps alive
     lost_workers: list[str] = field(default_factory=list)   # the store drops their leases
 
 
@@ -88,6 +92,8 @@ class Broker:
         self.peers = PeerTable(timeout_s=heartbeat_s * liveness, clock=clock)
         self.flights: dict[str, Flight] = {}
         self.queue: dict[str, Flight] = {}    # the queued ones, oldest first
+        self.waiting_handoffs: dict[str, Flight] = {}   # prefilled, no decode worker took them yet
+        self._registrations = 0
         self._turn: list[str] = []            # tenants in the order they are served next
         self.drained: set[str] = set()        # worker ids an operator drained
         self.counters = {"dispatched": 0, "redispatched": 0, "worker_deaths": 0, "errors": 0}
@@ -118,6 +124,7 @@ class Broker:
         f = self.flights.pop(request_id, None)
         if f is not None:
             self.queue.pop(request_id, None)
+            self.waiting_handoffs.pop(request_id, None)
             w = self.router.workers.get(f.worker) if f.worker is not None else None
             if w is not None:
                 w.inflight.discard(request_id)
@@ -189,6 +196,7 @@ class Broker:
         for f in [f for f in self.queue.values() if not self._may_wait(f)]:
             self._fail(f, f"{self._no_worker_message()} (waited {now - f.queued_at:.0f}s)",
                        unavailable=True)
+        self._retry_handoffs()
         return self._flush()
 
     # -- reports (read from other threads under the client's lock) ---------------------------
@@ -199,6 +207,7 @@ class Broker:
         return {"ok": ok, "workers": workers, "inflight": len(self.flights),
                 "counters": dict(self.counters),
                 "queued": len(self.queue), "capacity": self.router.capacity(),
+                "waiting_handoffs": len(self.waiting_handoffs),
                 "mode": "disaggregated" if self.router.disaggregated else "colocated"}
 
     def stats(self) -> dict:
@@ -257,28 +266,50 @@ class Broker:
                 "decode workers)" + (f"; drained: {drained}" if drained else ""))
 
     def _send_decode(self, f: Flight, why: str = "") -> None:
-        """Offer prefill's KV (f.handoff) to a decode worker not yet tried."""
+        """Offer prefill's KV (f.handoff) to a decode worker not yet tried; while none can
+        take it, it waits (at most queue_timeout_s, its lease kept alive meanwhile)."""
         m, r = f.handoff, f.request
         d = self.router.pick_decode(len(r.prompt_ids) + r.params.max_tokens, exclude=f.tried_decode)
+        f.stage, f.worker = Stage.HANDING_OFF, None
         if d is None:
+            now = self.clock()
+            if f.handoff_since is None:
+                f.handoff_since = f.renewed_at = now
+            if now - f.handoff_since < self.queue_timeout_s:
+                self.waiting_handoffs[f.request_id] = f
+                return
             self._release(f)
-            self._fail(f, (f"{why}; " if why else "") + "no other decode worker can take this "
+            self._fail(f, (f"{why}; " if why else "") + "no decode worker could take this "
                           "request's KV", unavailable=True)
             return
-        f.stage, f.worker = Stage.HANDING_OFF, d.identity
-        f.tried_decode.add(d.identity)
+        self.waiting_handoffs.pop(f.request_id, None)
+        f.worker, f.handoff_since = d.identity, None
+        f.tried_decode.add(d.incarnation)
         d.inflight.add(r.request_id)
         self._send(d.identity, P.DecodeRequest(
             request_id=r.request_id, prompt_ids=r.prompt_ids, sampling=spec_from_params(r.params),
             first_token=m.first_token, kv=m.kv, lease_id=m.lease_id))
 
+    def _retry_handoffs(self) -> None:
+        """Waiting hand-offs try every decode worker again (room frees up, workers come
+        back); their leases are renewed every few seconds while they wait."""
+        now = self.clock()
+        for f in list(self.waiting_handoffs.values()):
+            f.tried_decode.clear()
+            self._send_decode(f, "waited for a decode worker")
+            if f.request_id in self.waiting_handoffs and now - f.renewed_at >= RENEW_EVERY_S:
+                f.renewed_at = now
+                self._out.renewals.append(f.handoff.lease_id)
+
     # -- worker messages ---------------------------------------------------------------------
     def _register(self, ident: bytes, m: P.Register) -> None:
         if ident in self.router.workers:
             self._worker_lost(ident, "registered again")
-        w = self.router.workers[ident] = WorkerInfo(ident, m.worker_id, m.role, m.total_blocks,
-                                                    m.free_blocks, m.block_size,
-                                                    max_seqs=m.max_seqs)
+        self._registrations += 1
+        w = self.router.workers[ident] = WorkerInfo(
+            ident, m.worker_id, m.role, m.total_blocks, m.free_blocks, m.block_size,
+            max_seqs=m.max_seqs,
+            incarnation=m.incarnation or f"{m.worker_id}#{self._registrations}")
         if m.worker_id in self.drained:   # drained before it registered again: still drained
             w.draining = True
             self._send(ident, P.Drain(enable=True))
@@ -286,6 +317,7 @@ class Broker:
         self._told.pop(ident, None)
         log.info("worker %s registered: role=%s blocks=%d", m.worker_id, m.role, m.total_blocks)
         self._dispatch_queued()
+        self._retry_handoffs()
 
     def _tell_to_register(self, ident: bytes, msg: P.Msg) -> None:
         now = self.clock()
@@ -410,6 +442,7 @@ class Broker:
     def _end(self, f: Flight) -> None:
         self.flights.pop(f.request_id, None)
         self.queue.pop(f.request_id, None)
+        self.waiting_handoffs.pop(f.request_id, None)
         was_active = f.stage != Stage.QUEUED
         f.stage = Stage.DONE
         if was_active:

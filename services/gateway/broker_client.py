@@ -286,6 +286,8 @@ class BrokerClient:
             reply_to.put(ev)
         for request_id, lease_id in out.releases:
             self._releases.put(lambda kv, r=request_id, lid=lease_id: kv.release(r, lid))
+        if out.renewals:
+            self._releases.put(lambda kv, ids=list(out.renewals): kv.renew(ids))
         for worker_id in out.lost_workers:
             self._releases.put(lambda kv, w=worker_id: kv.drop_holder(w))
         return failed

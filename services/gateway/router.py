@@ -24,13 +24,15 @@ class WorkerInfo:
     prefill_steps: int = 0
     decode_steps: int = 0
     max_seqs: int = 64                               # sequences it runs at once
+    incarnation: str = ""                            # its process's (a restart has another)
 
     def as_dict(self) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "free_blocks": self.free_blocks,
                 "total_blocks": self.total_blocks, "running": self.running,
                 "waiting": self.waiting, "queued_tokens": self.queued_tokens,
                 "inflight": len(self.inflight), "draining": self.draining,
-                "prefill_steps": self.prefill_steps, "decode_steps": self.decode_steps}
+                "prefill_steps": self.prefill_steps, "decode_steps": self.decode_steps,
+                "incarnation": self.incarnation}
 
 
 class Router:
@@ -62,8 +64,9 @@ class Router:
         return best
 
     def pick_decode(self, num_tokens: int, roles=("decode", "both"),
-                    exclude: set[bytes] = frozenset()) -> WorkerInfo | None:
-        cands = [w for w in self.candidates(roles) if w.identity not in exclude]
+                    exclude: set[str] = frozenset()) -> WorkerInfo | None:
+        """`exclude`: incarnations already tried (a restarted worker is a new one)."""
+        cands = [w for w in self.candidates(roles) if w.incarnation not in exclude]
         if not cands:
             return None
         bs = cands[0].block_size

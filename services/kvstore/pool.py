@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_TOKEN_ID = 2**31 - 1
+HANDOFF = "hand-off"   # the holder of a committed lease nobody has claimed yet
 
 
 class PoolError(KVStoreError):
@@ -185,7 +186,9 @@ class KVPool:
         """Index the full blocks among block_ids (block i holds tokens
         [i*bs, (i+1)*bs) of token_ids) under their chained hashes; blocks or
         hashes already indexed are skipped. Every block must belong to the
-        lease ('bad_request' otherwise). Returns how many were newly indexed."""
+        lease ('bad_request' otherwise). Returns how many were newly indexed.
+        The writer is done with the lease: it is in hand-off (HANDOFF) until a reader
+        claims it, so the writer's death no longer drops it."""
         lease = self._lease(lease_id)
         _check_tokens(token_ids)
         held = set(lease.blocks)
@@ -193,6 +196,7 @@ class KVPool:
         if stray:
             raise PoolError("bad_request", f"blocks {stray[:8]} are not in lease {lease_id} "
                                            f"(it holds {len(held)} blocks)")
+        lease.holder = HANDOFF
         bs, parent, added = self.block_size, None, 0
         for i in range(min(len(block_ids), len(token_ids) // bs)):
             chunk = tuple(token_ids[i * bs:(i + 1) * bs])

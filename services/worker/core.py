@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -59,10 +60,12 @@ class DecodeJob:
 
 class WorkerCore:
     def __init__(self, worker_id: str, role: str, engine: LLMEngine,
-                 store: KVStorePort | None = None, clock: Callable[[], float] = time.monotonic):
+                 store: KVStorePort | None = None, clock: Callable[[], float] = time.monotonic,
+                 incarnation: str | None = None):
         if role not in P.ROLES:
             raise ValueError(f"role={role!r} must be one of {P.ROLES}")
         self.worker_id, self.role, self.clock = worker_id, role, clock
+        self.incarnation = incarnation or uuid.uuid4().hex[:8]
         self.draining = False     # the gateway routes nothing new here; kept for status
         self.decode = engine
         self.store, self.prefill = None, None
@@ -360,7 +363,8 @@ class WorkerCore:
                           max_batch_tokens=eng.config.max_num_batched_tokens,
                           total_blocks=eng.block_manager.num_blocks,
                           free_blocks=eng.block_manager.num_free_blocks,
-                          block_size=eng.config.block_size, max_seqs=eng.config.max_num_seqs)
+                          block_size=eng.config.block_size, max_seqs=eng.config.max_num_seqs,
+                          incarnation=self.incarnation)
 
     def heartbeat(self) -> P.Heartbeat:
         s = self.decode.scheduler

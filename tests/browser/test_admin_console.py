@@ -185,6 +185,11 @@ def test_console_in_a_real_browser(disagg, browser):
     expect(page.locator("#gw-mode")).to_have_text("disaggregated")
     expect(page.locator("#kv-total")).to_have_text("512")
     expect(page.locator("#kv-idle")).to_have_text("idle")
+    # every supervised process, up, with its restart count
+    svc = lambda name: page.locator(f'#services tr[data-service="{name}"] td')  # noqa: E731
+    for name in ("kvstore", "tokenizer", "gateway", "prefill-0", "decode-0"):
+        expect(svc(name).nth(1)).to_have_text("up")
+        expect(svc(name).nth(2)).to_have_text("0")
 
     # a live lease shows in the ledger with its blocks, and leaves it when released
     ctx = zmq.Context()

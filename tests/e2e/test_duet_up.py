@@ -37,10 +37,11 @@ def _pids_using(run_dir: str) -> list[int]:
 def duet_up(smollm2_dir, tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("DUET_HOME", str(home))
-    port, admin = free_port(), free_port()
+    port, admin, supervisor = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "up", "--model", str(smollm2_dir), "--dtype", "float32",
-         "--port", str(port), "--admin-port", str(admin), "--kv-blocks", "256",
+         "--port", str(port), "--admin-port", str(admin), "--supervisor-port", str(supervisor),
+         "--kv-blocks", "256",
          "--log-dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     # raw reads of the pipe: a buffered reader would hold lines select() never sees
@@ -91,11 +92,29 @@ def test_duet_up_debug_tools_and_ctrl_c(duet_up):
         "prefill-0", "decode-0"}
     assert "no live leases" in run("kv", "ledger").output   # the lookup's pin was released
 
+    # a crashed worker is restarted, counted, and serves again; the mesh never stopped
+    def incarnation():
+        ws = json.loads(run("worker", "list").output)["workers"]
+        return next((w["incarnation"] for w in ws if w["worker_id"] == "decode-0"), None)
+    before = incarnation()
+    [victim] = [p for p in _pids_using(info["run_dir"]) if b"decode-0" in
+                open(f"/proc/{p}/cmdline", "rb").read()]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while "decode-0 up (1 restarts)" not in (r := run("status")).output:
+        assert time.monotonic() < deadline, r.output
+        time.sleep(0.5)
+    while incarnation() in (before, None):   # the new process registered
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert c.completions.create(model="smollm2", prompt="Back again:", max_tokens=4,
+                                temperature=0).choices[0].text
+
     # Ctrl-C: every service stops, the mesh file goes, nothing is left running
     os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 0, out
-    assert "stopping Duet" in out
+    assert "stopping Duet" in out and "decode-0 exited with code -9; restarting" in out
     assert not (home / "mesh.json").exists()
     assert _pids_using(info["run_dir"]) == []
     assert not os.path.exists(info["run_dir"])

@@ -213,7 +213,7 @@ def test_handoff_refused_for_room_goes_to_the_next_decode_worker(clock):
     out = b.on_message(b"decode-1", P.ErrorReply(code="no_blocks", message="full", request_id="r1"))
     assert out.releases == [("r1", 5)]            # nobody can take it: the lease goes back
     [ev] = events(out)
-    assert ev.finish_reason == "error" and "no other decode worker" in ev.error
+    assert ev.finish_reason == "error" and "no decode worker could take" in ev.error
 
 
 def test_decode_worker_dying_before_its_claim_passes_the_lease_on(clock):
@@ -380,3 +380,38 @@ def test_slow_is_not_stuck_and_stuck_is_dropped(clock):
     out = hb(45.0, 1.0)                          # 45 s for a 1 s step: stuck
     assert out.lost_workers == [held] and f.retries == 1
     assert [type(m) for _, m in sent(out)] == [P.PrefillRequest] and f.worker != held.encode()
+
+
+def test_a_handoff_waits_for_a_decode_worker_keeping_its_lease_alive(clock):
+    """The only decode worker died before claiming; its restart (same id, new process)
+    takes the hand-off, and the lease is renewed while the flight waits."""
+    b = broker(clock, queue_timeout_s=30)
+    register(b, "prefill-0", "prefill")
+    b.on_message(b"decode-0", P.Register(worker_id="decode-0", role="decode", model="m",
+                                         devices=["cpu"], max_batch_tokens=512, total_blocks=100,
+                                         free_blocks=100, incarnation="aaaa"))
+    f = flight()
+    b.start(f)
+    b.on_message(b"prefill-0", prefill_done())
+    out = b.on_message(b"decode-0", P.Goodbye(worker_id="decode-0"))   # died before claiming
+    assert not out.sends and not out.deliveries and not out.releases
+    assert f.stage == Stage.HANDING_OFF and b.health()["waiting_handoffs"] == 1
+    clock.t += 6
+    beat(b, "prefill-0")
+    assert b.tick().renewals == [5]
+    out = b.on_message(b"decode-0", P.Register(worker_id="decode-0", role="decode", model="m",
+                                               devices=["cpu"], max_batch_tokens=512,
+                                               total_blocks=100, free_blocks=100,
+                                               incarnation="bbbb"))
+    [(who, dec)] = sent(out, P.DecodeRequest)
+    assert who == "decode-0" and dec.lease_id == 5 and not b.waiting_handoffs
+    # and one that waits past the queue timeout gives its lease back and ends clearly
+    g = flight("r2")
+    b.start(g)
+    b.on_message(g.worker, prefill_done("r2", lease=6))
+    b.on_message(b"decode-0", P.Goodbye(worker_id="decode-0"))
+    clock.t += 31
+    beat(b, "prefill-0")
+    out = b.tick()
+    assert ("r2", 6) in out.releases and any(
+        e.finish_reason == "error" for r, e in out.deliveries if r == "r2")

@@ -303,11 +303,15 @@ def test_drop_holder_releases_only_that_workers_leases():
     pool = make(num_blocks=8, block_size=4)
     a = pool.acquire("a", toks(5), holder="prefill-0")[0]
     b = pool.acquire("b", toks(5, 200), holder="prefill-1")[0]
-    c = pool.acquire("c", toks(5, 300), holder="prefill-0")[0]
+    c, blocks, _, _ = pool.acquire("c", toks(5, 300), holder="prefill-0")
+    d, dblocks, _, _ = pool.acquire("d", toks(5, 400), holder="prefill-0")
     pool.claim(c, holder="decode-0")                  # decode took c over
+    pool.commit(d, dblocks, toks(5, 400))             # d is written: in hand-off
     assert {ls["lease_id"]: ls["holder"] for ls in pool.ledger()} == \
-        {a: "prefill-0", b: "prefill-1", c: "decode-0"}
+        {a: "prefill-0", b: "prefill-1", c: "decode-0", d: "hand-off"}
     assert pool.drop_holder("prefill-0") == 1 and pool.drop_holder("") == 0
-    assert [ls["lease_id"] for ls in pool.ledger()] == [b, c]
+    assert [ls["lease_id"] for ls in pool.ledger()] == [b, c, d]   # d outlives its writer
     assert pool.drop_holder("decode-0") == 1 and pool.drop_holder("prefill-1") == 1
+    pool.claim(d, holder="decode-1")
+    assert pool.drop_holder("decode-1") == 1
     assert_idle(pool)
