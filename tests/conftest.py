@@ -61,3 +61,10 @@ def save_tiny_model(tmp_path, seed=0, **over):
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(os.cpu_count() or 1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_kernels():
+    """Build the C++ CPU kernels once, up front, so the processes a test starts load them."""
+    from kernels import cpu_kernels
+    cpu_kernels.load()

@@ -21,6 +21,7 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 mkdir -p "$OUT_DIR"
 export TRITON_INTERPRET=0  # the test modules default it to 1; here we test the compiled kernels
 export DUET_REQUIRE_GPU=1  # gpu-marked tests fail, rather than skip, if CUDA is unusable
+export DUET_CPU_KERNELS=0  # the C++ CPU kernels are not under test here; CPU references need no build
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 # wheels the machine lacks (msgspec, pyzmq), fetched here by tools/gpu_wheels.sh and carried
@@ -76,7 +77,7 @@ step engine_check 150 "$PY" tools/gpu_check_engine.py --parts tokens,latency \
 # two-process cuda_ipc hand-off (needs msgspec on the device: carry .whl, see the README)
 step kv_handoff 90 "$PY" tools/gpu_check_engine.py --parts handoff \
     --json "$OUT_DIR/kv_handoff.json" --table "$OUT_DIR/kv_handoff_table.txt"
-step cuda_ipc 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs tests/unit/test_buffers.py
+step cuda_ipc 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs tests/unit/shared/test_buffers.py
 # last: its config sweep takes whatever time is left (the default configs are measured first)
 step kernel_bench 150 "$PY" tools/gpu_check_kernels.py --json "$OUT_DIR/kernels.json" \
     --table "$OUT_DIR/kernel_bench_table.txt" --budget-s "$(bench_budget)"

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 PY="${PYTHON:-python3}"
 mkdir -p .whl
-for pkg in msgspec==0.22.0 pyzmq==27.3.0; do  # the versions CI tests with
+# the versions CI tests with; flask and waitress (pure Python) for the gateway in the mesh step
+for pkg in msgspec==0.22.0 pyzmq==27.3.0 flask==3.1.3 waitress==3.0.2 itsdangerous==2.2.0 blinker==1.9.0; do
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

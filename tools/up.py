@@ -36,6 +36,8 @@ class Mesh:
     kv_blocks: int = 2048
     worker_blocks: int = 2048
     max_num_seqs: int = 64               # sequences each worker runs at once
+    max_num_batched_tokens: int = 2048   # tokens one engine step computes (chunked prefill)
+    worker_threads: int | None = None    # torch threads per worker (None: the cores / workers)
     curve_dir: str | None = None         # None: fresh keys in the run dir, unless insecure
     insecure: bool = False               # no CURVE at all (any local process may join)
     api_keys: str | None = None
@@ -59,8 +61,8 @@ class Mesh:
         if not 0 <= self.admin_port <= 65535 or self.admin_port == self.port:
             raise ValueError(f"--admin-port {self.admin_port} must be in [0, 65535] (0: no "
                              f"console) and differ from --port {self.port}")
-        if not 0 <= self.supervisor_port <= 65535 or self.supervisor_port in (
-                self.port, self.admin_port):
+        if not 0 <= self.supervisor_port <= 65535 or (self.supervisor_port and self.supervisor_port
+                                                       in (self.port, self.admin_port)):
             raise ValueError(f"--supervisor-port {self.supervisor_port} must be in [0, 65535] "
                              f"(0: none) and differ from the other ports")
         if self.queue_timeout_s < 0:
@@ -116,6 +118,8 @@ class Mesh:
         from shared.config import EngineConfig
         from shared.models.hub import resolve_model
         model_dir = str(resolve_model(self.model))      # convert once, before the children
+        from kernels import cpu_kernels
+        cpu_kernels.load()                               # build once, before the workers
         dtype = EngineConfig(dtype=self.dtype).resolved_dtype()
         if self.curve_dir is None and not self.insecure:
             # authenticated by default: this run's own server and client keypairs
@@ -125,9 +129,10 @@ class Mesh:
         if self.supervisor_port:
             self.supervisor.serve_metrics(self.supervisor_port)
         workers = self.prefill + self.decode
-        # leave a core for gateway/tokenizer/store: oversubscribed OpenMP threads spin
-        # at every barrier and a 2-core colocated run was measured 10x slower for it
-        threads = str(max(1, ((os.cpu_count() or 1) - 1) // workers))
+        # the cores shared by the workers: the small services take ~10% of a core at 16
+        # streams (measured), and a worker on both cores of this 2-core machine decodes
+        # 16 streams 25% faster than on one
+        threads = str(self.worker_threads or max(1, (os.cpu_count() or 1) // workers))
         self._spawn("kvstore", "services.kvstore", "--bind", self.addr["kvstore"],
                     "--model", model_dir, "--dtype", dtype, "--num-blocks", str(self.kv_blocks), *curve)
         self._spawn("tokenizer", "services.tokenizer", "--bind", self.addr["tokenizer"],
@@ -153,6 +158,7 @@ class Mesh:
         common = ["--model", model_dir, "--dtype", dtype, "--gateway-addr", self.addr["gateway"],
                   "--kvstore-addr", self.addr["kvstore"], "--threads", threads,
                   "--num-kv-blocks", str(self.worker_blocks), "--max-num-seqs", str(self.max_num_seqs),
+                  "--max-num-batched-tokens", str(self.max_num_batched_tokens),
                   "--heartbeat", str(self.heartbeat_s), *curve]
         roles = [("both", 1)] if self.colocated else [("prefill", self.prefill), ("decode", self.decode)]
         for role, count in roles:

@@ -24,7 +24,7 @@ def worker_command(default_role: str):
     @click.option("--worker-id", default=None)
     @click.option("--num-kv-blocks", default=2048, show_default=True, type=int)
     @click.option("--max-num-seqs", default=64, show_default=True, type=int)
-    @click.option("--max-num-batched-tokens", default=1024, show_default=True, type=int)
+    @click.option("--max-num-batched-tokens", default=2048, show_default=True, type=int)
     @click.option("--threads", default=None, type=int)
     @click.option("--attention-backend", default="auto", show_default=True,
                   type=click.Choice(["auto", "torch", "triton"]))

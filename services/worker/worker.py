@@ -1,9 +1,9 @@
 """The worker process: a WorkerCore behind one DEALER to the gateway.
 
 Three threads, so neither liveness nor leases wait for the model:
-  - the engine thread runs the core: it applies the gateway's messages, steps the
-    engines, and pushes what they produce to the IO thread over an inproc pipe;
-  - the IO thread (the main one) owns the DEALER: it forwards those messages,
+  - the engine loop (the main thread) runs the core: it applies the gateway's messages,
+    steps the engines, and pushes what they produce to the IO thread over an inproc pipe;
+  - the IO thread owns the DEALER: it forwards those messages,
     heart-beats with the engine thread's latest snapshot (so heartbeats flow during a
     step of any length), and watches the gateway (Paranoid Pirate: a silent gateway
     means reconnect with backoff and register again, aborting what it had sent us);
@@ -121,16 +121,30 @@ class Worker:
 
     # -- IO thread --------------------------------------------------------------------------
     def run(self) -> None:
+        """The engine loop on this (the main) thread — oneDNN's GEMMs measured 25% slower
+        on any other thread — the IO loop and the lease keeper beside it."""
         pipe = self.ctx.socket(zmq.PULL)
         pipe.bind(self._out_addr)
-        engine = threading.Thread(target=self._engine_loop, name="duet-engine", daemon=True)
-        engine.start()
+        io = threading.Thread(target=self._io_loop, args=(pipe,), name="duet-io", daemon=True)
         keeper = threading.Thread(target=self._keep_leases, name="duet-leases", daemon=True)
+        self._connect_gateway()
+        io.start()
         if self.cfg.kvstore_addr:
             keeper.start()
-        self._connect_gateway()
         log.info("worker %s up: role=%s gateway=%s", self.cfg.worker_id, self.core.role,
                  self.cfg.gateway_addr)
+        try:
+            self._engine_loop()
+        finally:
+            self.stop_event.set()
+            io.join(10)
+            if keeper.is_alive():
+                keeper.join(10)
+            self._forward(pipe)   # the engine's last words (aborts) still reach the gateway
+            pipe.close(linger=0)
+            self.close()
+
+    def _io_loop(self, pipe: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(pipe, zmq.POLLIN)
         poller.register(self.sock, zmq.POLLIN)
@@ -147,14 +161,10 @@ class Worker:
                     poller.unregister(self.sock)
                     self._reconnect()
                     poller.register(self.sock, zmq.POLLIN)
+        except Exception:
+            log.exception("IO thread crashed")
         finally:
             self.stop_event.set()
-            engine.join(10)
-            if keeper.is_alive():
-                keeper.join(10)
-            self._forward(pipe)   # the engine's last words (aborts) still reach the gateway
-            pipe.close(linger=0)
-            self.close()
 
     def _heartbeat(self) -> None:
         """The engine's latest Heartbeat, with how long its running step has taken. A step

@@ -16,6 +16,7 @@ from shared.engine.block_manager import BlockManager, blocks_for
 from shared.engine.kv_cache import LocalKVCache
 from shared.engine.model_runner import ModelRunner
 from shared.engine.outputs import RequestOutput
+from shared.engine.packed_linear import pack_linears
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler
@@ -55,6 +56,7 @@ class LLMEngine:
             kv_cache = LocalKVCache(mc, config.num_kv_blocks, config.block_size,
                                     model.embed_tokens.weight.dtype, config.device)
         self.kv_cache = kv_cache
+        pack_linears(model)   # bf16 on CPU: weights prepacked once (idempotent)
         self.runner = build_runner(model, kv_cache, config, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()

@@ -53,9 +53,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
     """logits [N, V] fp32, one row per sequence that needs its next token."""
     want_lp = any(s.params.logprobs is not None for s in seqs)
     raw_logprobs = logits.log_softmax(-1) if want_lp else None
+    # every plain greedy row in one argmax (the common case; one call, not one per row)
+    plain = logits.argmax(-1).tolist() if any(_plain_greedy(s.params) for s in seqs) else None
     results = []
     for row, seq in enumerate(seqs):
         p = seq.params
+        if plain is not None and _plain_greedy(p):
+            token = plain[row]
+            results.append(_result(token, p, raw_logprobs, row))
+            continue
         x = logits[row]
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             x = x.clone()
@@ -69,12 +75,21 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
             # this sequence's generator is consumed, so seeded output is batch-invariant.
             noise = torch.empty_like(probs).exponential_(generator=seq.generator)
             token = int(torch.argmax(probs / noise))
-        res = SampleResult(token)
-        if p.logprobs is not None:
-            lp = raw_logprobs[row]
-            res.logprob = float(lp[token])
-            if p.logprobs > 0:
-                top = torch.topk(lp, p.logprobs)
-                res.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-        results.append(res)
+        results.append(_result(token, p, raw_logprobs, row))
     return results
+
+
+def _plain_greedy(p) -> bool:
+    return p.greedy and p.repetition_penalty == 1.0 and not (p.presence_penalty
+                                                              or p.frequency_penalty)
+
+
+def _result(token: int, p, raw_logprobs, row: int) -> SampleResult:
+    res = SampleResult(token)
+    if p.logprobs is not None:
+        lp = raw_logprobs[row]
+        res.logprob = float(lp[token])
+        if p.logprobs > 0:
+            top = torch.topk(lp, p.logprobs)
+            res.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+    return res

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from shared.models import ops
 from shared.models.config import ModelConfig
-from shared.models.rope import apply_rope, build_cos_sin
+from shared.models.rope import build_cos_sin
 
 
 class PagedAttention(Protocol):
@@ -29,10 +30,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same op order as HF LlamaRMSNorm: normalize in fp32, cast back, then scale.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # HF LlamaRMSNorm's op order: normalize in fp32, cast back, then scale
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor):
+        """(norm(x + residual), x + residual)"""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -47,8 +50,8 @@ class Attention(nn.Module):
         # x: [T, hidden]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q = apply_rope(q.view(-1, self.hq, self.d), cos, sin)
-        k = apply_rope(k.view(-1, self.hkv, self.d), cos, sin)
+        q = ops.rope(q.view(-1, self.hq, self.d), cos, sin)
+        k = ops.rope(k.view(-1, self.hkv, self.d), cos, sin)
         out = attn(layer, q, k, v.view(-1, self.hkv, self.d))
         return self.o_proj(out.reshape(x.shape[0], self.hq * self.d))
 
@@ -61,8 +64,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -74,9 +76,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn: PagedAttention):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, self.index, attn)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, residual, cos, sin, attn: PagedAttention):
+        """x: what the previous layer added ([T, hidden]); residual: the stream before it
+        (None for the first layer). Returns (this layer's addition, the stream before
+        it): the residual adds are fused into the next norm (as HF: h = x + attn(norm(x)),
+        out = h + mlp(norm(h)))."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(h, cos, sin, self.index, attn)
+        h, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -111,13 +122,14 @@ class LlamaForCausalLM(nn.Module):
                 attn: PagedAttention) -> torch.Tensor:
         """input_ids, positions: [T] (packed tokens of all sequences) -> hidden [T, hidden]."""
         x = self.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].to(x.dtype)
-        sin = self.rope_sin[positions].to(x.dtype)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]   # fp32 [T, D]
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn)
+        return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:   # tied embeddings
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()

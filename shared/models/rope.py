@@ -62,10 +62,3 @@ def build_cos_sin(cfg: ModelConfig, max_positions: int) -> tuple[torch.Tensor, t
             freqs[p] = p * _dynamic_inv_freq(cfg, p + 1)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos() * attn_scaling, emb.sin() * attn_scaling
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos/sin: [T, D] already gathered at the tokens' positions."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
