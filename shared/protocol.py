@@ -189,12 +189,15 @@ class KVRef(Wire):
     """KV blocks of one request in the store's pool. `handle` names the whole
     pool [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]; block i
     of the request is pool block block_ids[i], valid while its generation
-    still equals generations[i]. num_tokens: tokens whose KV is present."""
+    still equals generations[i]. num_tokens: tokens whose KV is present.
+    checksums[i]: block i's bytes hashed (layout.block_checksums) when its KV was written;
+    the reader verifies before decoding from them (empty: nothing to verify)."""
 
     handle: BufferHandle
     block_ids: list[NonNeg]
     generations: list[NonNeg]
     num_tokens: NonNeg
+    checksums: list[NonNeg] = []
 
     def __post_init__(self) -> None:
         _check_generations(self)
@@ -264,7 +267,9 @@ class KVPoolInfo(Msg, tag="kvpool"):
     """The store's block pool: one handle, layout
     [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]. `epoch` is
     this store process's own: a restarted store has another, a fresh shm segment, and
-    lease ids that never match the old ones."""
+    lease ids that never match the old ones. `generations`: where the generations array
+    lives when it does not follow the pool in its shm segment (a GPU pool's, in host shm).
+    """
 
     handle: BufferHandle
     num_blocks: Positive
@@ -274,6 +279,7 @@ class KVPoolInfo(Msg, tag="kvpool"):
     head_dim: Positive
     dtype: DType
     epoch: NonNeg = 0
+    generations: BufferHandle | None = None
 
 
 class KVLookup(Msg, tag="kvlook"):
@@ -326,6 +332,7 @@ class KVLease(Msg, tag="kvlease"):
     generations: list[NonNeg]
     num_cached_tokens: NonNeg = 0
     pool: str = ""      # the pool's shm segment: which store epoch the blocks belong to
+    checksums: list[NonNeg] = []   # of the cached prefix's blocks, as their writer committed
 
     def __post_init__(self) -> None:
         _check_generations(self)
@@ -339,6 +346,7 @@ class KVCommit(Msg, tag="kvcommit"):
     lease_id: NonNeg
     block_ids: list[NonNeg]
     token_ids: list[int]
+    checksums: list[NonNeg] = []   # block_ids[i]'s checksum; kept with the indexed blocks
 
 
 class KVClaim(Msg, tag="kvclaim"):
@@ -363,6 +371,36 @@ class KVRelease(Msg, tag="kvrel"):
     lease_id: NonNeg
 
 
+class KVRead(Msg, tag="kvread"):
+    """Reader without the pool mapped (another host: --kv-transport tcp) -> store: send
+    these blocks of a lease it claimed -> KVBlocks, one payload frame per block."""
+
+    request_id: str
+    lease_id: NonNeg
+    block_ids: list[NonNeg]
+
+
+class KVBlocks(Msg, tag="kvblocks"):
+    """Store -> reader: payload frame i holds block_ids[i]'s bytes, one whole block
+    [num_layers, 2, block_size, kv_heads, head_dim] of the pool's dtype, sent from the
+    pool's own memory; generations[i] as it was when sent."""
+
+    request_id: str
+    block_ids: list[NonNeg]
+    generations: list[NonNeg]
+
+    def __post_init__(self) -> None:
+        _check_generations(self)
+
+
+class KVEvict(Msg, tag="kvevict"):
+    """Reader -> store: these blocks failed their checksum; take them out of the prefix
+    index so no prompt reuses them (they are recycled once unpinned) -> Ack."""
+
+    request_id: str
+    block_ids: list[NonNeg]
+
+
 class KVRenew(Msg, tag="kvrenew"):
     """Holder -> store: these leases are still in use (resets their TTL) -> Ack."""
 
@@ -385,6 +423,8 @@ class KVStatsReply(Msg, tag="kvstatsr"):
     expired_leases: NonNeg = 0
     lookup_tokens: NonNeg = 0
     hit_tokens: NonNeg = 0
+    read_blocks: NonNeg = 0        # blocks sent over the wire (KVRead: tcp hand-offs)
+    evicted_blocks: NonNeg = 0     # blocks taken out of the prefix index (failed checksums)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -441,7 +481,7 @@ MESSAGES: tuple[type[Msg], ...] = (
     Register, Heartbeat, Ping, Goodbye, SetRole, Drain,
     PrefillRequest, PrefillDone, DecodeRequest, TokenBatch, Abort,
     KVPoolQuery, KVPoolInfo, KVLookup, KVLookupReply, KVAcquire, KVAllocate, KVLease,
-    KVCommit, KVClaim, KVDropHolder, KVRelease, KVRenew, KVStats, KVStatsReply,
+    KVCommit, KVClaim, KVDropHolder, KVEvict, KVRead, KVBlocks, KVRelease, KVRenew, KVStats, KVStatsReply,
     TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply,
 )
 Message = Union[MESSAGES]  # type: ignore[valid-type]

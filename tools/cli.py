@@ -145,6 +145,16 @@ def chat(model_name, dtype, temperature, max_tokens, system):
               type=float, help="seconds a request may wait for a worker before a 503")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @_dtype
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="cuda: the KV-store pool in GPU memory (handed over by CUDA IPC) and the "
+                   "workers on GPUs; bf16 by default")
+@click.option("--devices", default=None,
+              help="GPU ordinals to place workers on, round-robin, e.g. 0,1 (the store's pool "
+                   "on the first); default 0")
+@click.option("--kv-transport", default="auto", show_default=True,
+              type=click.Choice(["auto", "shm", "cuda_ipc", "tcp"]),
+              help="how decode workers take hand-offs: map the store's pool, or read blocks "
+                   "over the wire (tcp, as a decode worker on another host does)")
 @click.option("--kv-blocks", default=2048, show_default=True, type=int, help="KV-store pool blocks")
 @click.option("--curve-dir", default=None,
               help="CURVE keys to authenticate the mesh with (default: fresh keys per run)")
@@ -156,15 +166,15 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--log-dir", default=None, help="write each service's log here")
 @click.option("--log-level", default="WARNING", show_default=True)
 def up(model_name, prefill, decode, colocated, port, admin_port, supervisor_port,
-       queue_timeout_s, host, dtype, kv_blocks, curve_dir, insecure, api_keys,
+       queue_timeout_s, host, dtype, device, devices, kv_transport, kv_blocks, curve_dir, insecure, api_keys,
        max_concurrency_per_key, log_dir, log_level):
     """Start tokenizer, kvstore, workers and gateway as separate processes."""
     from tools.up import Mesh, run_up
     try:
         mesh = Mesh(model=model_name, prefill=prefill, decode=decode, colocated=colocated,
                     port=port, admin_port=admin_port, supervisor_port=supervisor_port,
-                    queue_timeout_s=queue_timeout_s, host=host, dtype=dtype,
-                    kv_blocks=kv_blocks, curve_dir=curve_dir, insecure=insecure,
+                    queue_timeout_s=queue_timeout_s, host=host, dtype=dtype, device=device,
+                    devices=devices, kv_transport=kv_transport, kv_blocks=kv_blocks, curve_dir=curve_dir, insecure=insecure,
                     api_keys=api_keys, max_concurrency_per_key=max_concurrency_per_key,
                     log_dir=log_dir, log_level=log_level)
     except ValueError as e:

@@ -36,6 +36,8 @@ NAMES=(); RESULTS=(); SECS=()
 
 step() {  # step <name> <limit_s> <command...>
     local name=$1 limit=$2; shift 2
+    # GPU_CHECK_STEPS="a,b": run only those steps (a rerun of what failed)
+    if [[ -n "${GPU_CHECK_STEPS:-}" && ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then return; fi
     local left=$(( TOTAL_BUDGET_S - ($(date +%s) - START) ))
     NAMES+=("$name")
     if (( left < 15 )); then
@@ -78,6 +80,11 @@ step engine_check 150 "$PY" tools/gpu_check_engine.py --parts tokens,latency \
 step kv_handoff 90 "$PY" tools/gpu_check_engine.py --parts handoff \
     --json "$OUT_DIR/kv_handoff.json" --table "$OUT_DIR/kv_handoff_table.txt"
 step cuda_ipc 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs tests/unit/shared/test_buffers.py
+# the whole mesh on one GPU through HTTP: store pool in GPU memory (cuda_ipc), 1 prefill +
+# 1 decode; 32 streams' text vs the in-process engine, TTFT stages, tok/s graphs vs eager.
+# SmolLM2's tokenizer and config travel in .gpu_model/ (tools/gpu_wheels.sh puts them there)
+step mesh 200 "$PY" tools/gpu_check_mesh.py --tokenizer-dir .gpu_model \
+    --json "$OUT_DIR/mesh.json" --table "$OUT_DIR/mesh_table.txt"
 # last: its config sweep takes whatever time is left (the default configs are measured first)
 step kernel_bench 150 "$PY" tools/gpu_check_kernels.py --json "$OUT_DIR/kernels.json" \
     --table "$OUT_DIR/kernel_bench_table.txt" --budget-s "$(bench_budget)"

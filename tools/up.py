@@ -33,11 +33,15 @@ class Mesh:
     queue_timeout_s: float = 30.0        # how long a request may wait for a worker
     host: str = "127.0.0.1"
     dtype: str = "auto"
+    device: str = "cpu"                  # cpu, or cuda: the store's pool and the workers on GPUs
+    devices: str | None = None           # GPU ordinals for the workers, round-robin ("0,1")
     kv_blocks: int = 2048
     worker_blocks: int = 2048
     max_num_seqs: int = 64               # sequences each worker runs at once
     max_num_batched_tokens: int = 2048   # tokens one engine step computes (chunked prefill)
     worker_threads: int | None = None    # torch threads per worker (None: the cores / workers)
+    worker_args: tuple = ()              # more flags for every worker (--enforce-eager, ...)
+    kv_transport: str = "auto"           # how decode workers take hand-offs: auto, shm, tcp
     curve_dir: str | None = None         # None: fresh keys in the run dir, unless insecure
     insecure: bool = False               # no CURVE at all (any local process may join)
     api_keys: str | None = None
@@ -67,6 +71,18 @@ class Mesh:
                              f"(0: none) and differ from the other ports")
         if self.queue_timeout_s < 0:
             raise ValueError(f"--queue-timeout {self.queue_timeout_s} must be >= 0 seconds")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device {self.device!r} must be cpu or cuda "
+                             f"(place workers on GPUs with --devices 0,1,...)")
+        if self.devices is not None:
+            if self.device != "cuda":
+                raise ValueError(f"--devices {self.devices!r} needs --device cuda")
+            parts = [p.strip() for p in self.devices.split(",")]
+            if not parts or not all(p.isdigit() for p in parts):
+                raise ValueError(f"--devices {self.devices!r} must be GPU ordinals like 0,1")
+        if self.kv_transport not in ("auto", "shm", "cuda_ipc", "tcp"):
+            raise ValueError(f"--kv-transport {self.kv_transport!r} must be auto, shm, cuda_ipc "
+                             f"or tcp")
         if self.insecure and self.curve_dir:
             raise ValueError(f"--insecure and --curve-dir {self.curve_dir} contradict each other")
         self.run_dir = tempfile.mkdtemp(prefix="duet-run-")
@@ -118,9 +134,12 @@ class Mesh:
         from shared.config import EngineConfig
         from shared.models.hub import resolve_model
         model_dir = str(resolve_model(self.model))      # convert once, before the children
-        from kernels import cpu_kernels
-        cpu_kernels.load()                               # build once, before the workers
-        dtype = EngineConfig(dtype=self.dtype).resolved_dtype()
+        if self.device == "cpu":
+            from kernels import cpu_kernels
+            cpu_kernels.load()                           # build once, before the workers
+        dtype = EngineConfig(dtype=self.dtype, device=self.device).resolved_dtype()
+        gpus = [f"cuda:{p.strip()}" for p in (self.devices or "0").split(",")]
+        store_device = gpus[0] if self.device == "cuda" else "cpu"
         if self.curve_dir is None and not self.insecure:
             # authenticated by default: this run's own server and client keypairs
             from shared.transport import generate_keys
@@ -134,7 +153,8 @@ class Mesh:
         # 16 streams 25% faster than on one
         threads = str(self.worker_threads or max(1, (os.cpu_count() or 1) // workers))
         self._spawn("kvstore", "services.kvstore", "--bind", self.addr["kvstore"],
-                    "--model", model_dir, "--dtype", dtype, "--num-blocks", str(self.kv_blocks), *curve)
+                    "--model", model_dir, "--dtype", dtype, "--num-blocks", str(self.kv_blocks),
+                    "--device", store_device, *curve)
         self._spawn("tokenizer", "services.tokenizer", "--bind", self.addr["tokenizer"],
                     "--model", model_dir, *curve)
         gw = ["--model", model_dir, "--served-model-name", os.path.basename(self.model.rstrip("/")),
@@ -159,12 +179,17 @@ class Mesh:
                   "--kvstore-addr", self.addr["kvstore"], "--threads", threads,
                   "--num-kv-blocks", str(self.worker_blocks), "--max-num-seqs", str(self.max_num_seqs),
                   "--max-num-batched-tokens", str(self.max_num_batched_tokens),
-                  "--heartbeat", str(self.heartbeat_s), *curve]
+                  "--heartbeat", str(self.heartbeat_s), *self.worker_args, *curve]
         roles = [("both", 1)] if self.colocated else [("prefill", self.prefill), ("decode", self.decode)]
+        placed = 0
         for role, count in roles:
             for i in range(count):
+                device = gpus[placed % len(gpus)] if self.device == "cuda" else "cpu"
+                placed += 1
+                transport = self.kv_transport if role == "decode" else "auto"
                 self._spawn(f"{role}-{i}", "services.worker", "--role", role,
-                            "--worker-id", f"{role}-{i}", *common)
+                            "--worker-id", f"{role}-{i}", "--device", device,
+                            "--kv-transport", transport, *common)
 
     def wait_ready(self, timeout_s: float = 300) -> dict:
         import json

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import msgspec
+
 from services.gateway.backend import ChoiceRequest, GenEvent, Overloaded
 from services.gateway.router import Router, WorkerInfo
 from shared import protocol as P
@@ -66,6 +68,7 @@ class Flight:
     handoff: P.PrefillDone | None = None  # prefill's result, until a decode worker claims it
     tried_decode: set = field(default_factory=set)   # incarnations that refused or died
     handoff_since: float | None = None    # broker clock: waiting for a decode worker since
+    kept_first: P.PrefillDone | None = None   # prefilled again after corrupt KV: token 1 as sent
     renewed_at: float = 0.0               # broker clock: its lease last renewed while waiting
 
     @property
@@ -96,7 +99,8 @@ class Broker:
         self._registrations = 0
         self._turn: list[str] = []            # tenants in the order they are served next
         self.drained: set[str] = set()        # worker ids an operator drained
-        self.counters = {"dispatched": 0, "redispatched": 0, "worker_deaths": 0, "errors": 0}
+        self.counters = {"dispatched": 0, "redispatched": 0, "worker_deaths": 0, "errors": 0,
+                         "kv_checksum_failures": 0}
         self._told: dict[bytes, float] = {}   # unregistered peers last told to register
         self._last_ping = float("-inf")
         self._out = Outbox()
@@ -350,6 +354,9 @@ class Broker:
             # aborted or re-dispatched meanwhile: give the blocks back
             self._out.releases.append((m.request_id, m.lease_id))
             return
+        if f.kept_first is not None:
+            self._resume_after_reprefill(f, m)
+            return
         timings = dict(m.timings, gateway_queue=max(f.t_dispatch - f.request.arrival, 0.0))
         first = GenEvent([m.first_token], [m.first_logprobs] if m.first_logprobs else None,
                          m.finish_reason, num_cached_tokens=m.num_cached_tokens, timings=timings)
@@ -387,6 +394,14 @@ class Broker:
             # refused before claiming: the lease still stands
             self._send_decode(f, f"decode worker {w.worker_id} has no room")
             return
+        if m.code == "kv_corrupt" and f.stage == Stage.HANDING_OFF:
+            self._reprefill(f, w, m.message)
+            return
+        if m.code == "kv_corrupt" and f.stage == Stage.PREFILLING:
+            # its cached prefix failed the checksum before prefill used it (now evicted)
+            self.counters["kv_checksum_failures"] += 1
+            self._redispatch(f, f"worker {w.worker_id}: {m.message}")
+            return
         if f.stage == Stage.HANDING_OFF:
             self._release(f)
         self.counters["errors"] += 1
@@ -411,6 +426,39 @@ class Broker:
                 self._send_decode(f, f"decode worker {w.worker_id} {why}")
             else:
                 self._redispatch(f, f"worker {w.worker_id} {why}")
+
+    def _reprefill(self, f: Flight, w: WorkerInfo, message: str) -> None:
+        """The decode worker found the prompt's KV corrupted (checksums) and decoded nothing
+        from it; the store took the bad blocks out of its prefix index. Prefill the prompt
+        again and hand that over, keeping the token 1 the client already has."""
+        self.counters["kv_checksum_failures"] += 1
+        first = f.handoff
+        self._release(f)
+        if f.retries >= MAX_RETRIES or first is None:
+            self.counters["errors"] += 1
+            self._fail(f, f"kv_corrupt: {message}; prefilled again {f.retries} times")
+            return
+        f.retries += 1
+        f.kept_first = first
+        f.tried_decode.clear()
+        self.counters["redispatched"] += 1
+        log.warning("request %s: KV failed its checksum on %s; prefilling again", f.request_id,
+                    w.worker_id)
+        self._enqueue(f)
+        self._dispatch_queued()
+        if f.stage == Stage.QUEUED and not self._may_wait(f):
+            self._fail(f, f"kv_corrupt, and {self._no_worker_message()}", unavailable=True)
+
+    def _resume_after_reprefill(self, f: Flight, m: P.PrefillDone) -> None:
+        kept, f.kept_first = f.kept_first, None
+        if m.finish_reason is not None:   # sampled another token 1, and that one ended it
+            self.counters["errors"] += 1
+            self._fail(f, "kv_corrupt: the prompt was prefilled again after a KV checksum "
+                          "mismatch, and that prefill ended the request")
+            return
+        f.handoff = msgspec.structs.replace(m, first_token=kept.first_token,
+                                            first_logprobs=kept.first_logprobs)
+        self._send_decode(f)
 
     def _redispatch(self, f: Flight, why: str) -> None:
         if f.tokens_sent == 0 and f.retries < MAX_RETRIES:

@@ -70,7 +70,10 @@ class _BackendCollector:
     COUNTERS = {"dispatched": "Requests sent to a worker (re-dispatches included)",
                 "redispatched": "Requests moved to another worker after theirs was lost",
                 "worker_deaths": "Workers dropped: silent past the timeout, gone, re-registered",
-                "errors": "Requests a worker answered with an error"}
+                "errors": "Requests a worker answered with an error",
+                "kv_checksum_failures": "Hand-offs whose KV failed its checksum at the decode "
+                                        "claim (never decoded; prefilled again)"}
+    NAMES = {"kv_checksum_failures": "duet_kv_checksum_failures"}   # else duet_broker_<key>
     GAUGES = {"inflight": "Requests the broker holds", "workers": "Registered workers"}
 
     def __init__(self, backend):
@@ -83,7 +86,7 @@ class _BackendCollector:
             return
         for key, doc in self.COUNTERS.items():
             if key in stats:
-                c = CounterMetricFamily(f"duet_broker_{key}", doc)
+                c = CounterMetricFamily(self.NAMES.get(key, f"duet_broker_{key}"), doc)
                 c.add_metric([], stats[key])
                 yield c
         for key, doc in self.GAUGES.items():

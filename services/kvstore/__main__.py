@@ -31,8 +31,12 @@ from shared.config import DTYPE_NAMES
               help="CURVE key directory; when given only its clients are admitted.")
 @click.option("--metrics-port", default=None, type=click.IntRange(1, 65535),
               help="Serve Prometheus metrics over HTTP on this port.")
+@click.option("--device", default="cpu",
+              help="Where the pool lives: cpu (host shared memory) or cuda[:N] (that GPU's memory, "
+                   "handed to workers on this host by CUDA IPC).")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def main(bind, model, dtype, num_blocks, block_size, lease_ttl_s, curve_dir, metrics_port, log_level):
+def main(bind, model, dtype, num_blocks, block_size, lease_ttl_s, curve_dir, metrics_port, device,
+         log_level):
     """Duet KV store: the block pool, prefix cache and leases shared by prefill and decode."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s kvstore %(name)s: %(message)s")
     from shared.models.hub import resolve_model
@@ -42,7 +46,7 @@ def main(bind, model, dtype, num_blocks, block_size, lease_ttl_s, curve_dir, met
         model_dir = resolve_model(model)
         config = KVStoreConfig(model_dir=str(model_dir), bind=bind, dtype=dtype, num_blocks=num_blocks,
                                block_size=int(block_size), lease_ttl_s=lease_ttl_s, curve_dir=curve_dir,
-                               metrics_port=metrics_port)
+                               metrics_port=metrics_port, device=device)
         service = KVStoreService(config)
     except (ValueError, FileNotFoundError, OSError, zmq.ZMQError) as e:
         raise click.ClickException(str(e)) from None

@@ -17,7 +17,7 @@ import zmq
 from shared import transport
 from shared.protocol import (Ack, ErrorReply, KVAcquire, KVAllocate, KVClaim, KVCommit,
                              KVDropHolder, KVLease, KVLookup, KVLookupReply, KVPoolInfo,
-                             KVPoolQuery, KVRelease, KVRenew, KVStats, KVStatsReply, Msg,
+                             KVBlocks, KVEvict, KVPoolQuery, KVRead, KVRelease, KVRenew, KVStats, KVStatsReply, Msg,
                              StatusReply, StatusRequest)
 from services.kvstore.port import KVStoreError
 
@@ -62,10 +62,22 @@ class KVStoreClient:
         return self._call(KVAllocate(request_id=request_id, num_blocks=num_blocks,
                                      lease_id=lease_id), KVLease)
 
-    def commit(self, request_id: str, lease_id: int, block_ids: list[int], token_ids: list[int]) -> None:
-        """Index the lease's written full blocks under token_ids (from position 0)."""
+    def commit(self, request_id: str, lease_id: int, block_ids: list[int], token_ids: list[int],
+               checksums: list[int] | None = None) -> None:
+        """Index the lease's written full blocks under token_ids (from position 0), each
+        with its checksum."""
         self._call(KVCommit(request_id=request_id, lease_id=lease_id, block_ids=list(block_ids),
-                            token_ids=list(token_ids)), Ack)
+                            token_ids=list(token_ids), checksums=list(checksums or [])), Ack)
+
+    def read(self, request_id: str, lease_id: int, block_ids: list[int]) -> KVBlocks:
+        """A claimed lease's blocks over the wire: KVBlocks whose frames (received
+        without copies) hold one block each."""
+        return self._call(KVRead(request_id=request_id, lease_id=lease_id,
+                                 block_ids=list(block_ids)), KVBlocks)
+
+    def evict(self, request_id: str, block_ids: list[int]) -> None:
+        """These blocks failed their checksum: out of the prefix index."""
+        self._call(KVEvict(request_id=request_id, block_ids=list(block_ids)), Ack)
 
     def claim(self, request_id: str, lease_id: int, holder: str = "") -> KVLease:
         """Worker `holder` takes over a lease; its blocks and generations."""

@@ -21,7 +21,8 @@ def _check(cond: bool, msg: str) -> None:
 class KVStoreConfig:
     """model_dir: an HF-style directory (config.json gives layers, KV heads,
     head dim). dtype 'auto' resolves as the engine's does on CPU. Unclaimed
-    leases expire lease_ttl_s after creation. curve_dir: CURVE key dir (server
+    leases expire lease_ttl_s after creation. device: 'cpu' (the pool in host shm) or
+    'cuda[:N]' (the pool in that GPU's memory, shared by CUDA IPC; generations in shm). curve_dir: CURVE key dir (server
     keys) or None for an open socket. metrics_port: Prometheus HTTP port or None."""
 
     model_dir: str
@@ -32,8 +33,11 @@ class KVStoreConfig:
     lease_ttl_s: float = 30.0
     curve_dir: str | None = None
     metrics_port: int | None = None
+    device: str = "cpu"
 
     def __post_init__(self):
+        from services.kvstore.layout import parse_device
+        parse_device(self.device)   # ValueError naming a bad device
         scheme = next((s for s in BIND_SCHEMES if str(self.bind).startswith(s)), "")
         _check(bool(scheme) and len(self.bind) > len(scheme),
                f"bind={self.bind!r} must be an address starting with one of {BIND_SCHEMES}")
@@ -52,9 +56,12 @@ class KVStoreConfig:
                f"metrics_port={self.metrics_port} must be in [1, 65535]")
 
     def resolved_dtype(self) -> str:
-        """The pool's element type ('auto': bf16 where the CPU has fast bf16, else fp32)."""
+        """The pool's element type ('auto': bf16 on a GPU, or where the CPU has fast bf16;
+        else fp32)."""
         if self.dtype != "auto":
             return self.dtype
+        if self.device != "cpu":
+            return "bfloat16"
         return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
     @property

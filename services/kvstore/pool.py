@@ -84,12 +84,14 @@ class KVPool:
         self._ref = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks
         self._tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self._sums: list[int | None] = [None] * num_blocks   # indexed blocks' checksums
         self._index: dict[bytes, int] = {}
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached_free = 0  # blocks in _free that hold indexed content
         self._leases: dict[int, Lease] = {}
         self._next_lease = first_lease_id   # a store's epoch picks its own range
         self.expired_leases = self.lookup_tokens = self.hit_tokens = 0
+        self.read_blocks = self.evicted_blocks = 0
 
     # ---------------------------------------------------------------- queries
 
@@ -182,15 +184,19 @@ class KVPool:
         lease.blocks.extend(fresh)
         return lease.lease_id, fresh, self._generations_of(fresh)
 
-    def commit(self, lease_id: int, block_ids: list[int], token_ids: list[int]) -> int:
+    def commit(self, lease_id: int, block_ids: list[int], token_ids: list[int],
+               checksums: list[int] | None = None) -> int:
         """Index the full blocks among block_ids (block i holds tokens
-        [i*bs, (i+1)*bs) of token_ids) under their chained hashes; blocks or
+        [i*bs, (i+1)*bs) of token_ids) under their chained hashes, each with its
+        checksum (checksums[i], when given) for whoever reuses it; blocks or
         hashes already indexed are skipped. Every block must belong to the
         lease ('bad_request' otherwise). Returns how many were newly indexed.
         The writer is done with the lease: it is in hand-off (HANDOFF) until a reader
         claims it, so the writer's death no longer drops it."""
         lease = self._lease(lease_id)
         _check_tokens(token_ids)
+        if checksums and len(checksums) != len(block_ids):
+            raise PoolError("bad_request", f"{len(checksums)} checksums for {len(block_ids)} blocks")
         held = set(lease.blocks)
         stray = [b for b in block_ids if b not in held]
         if stray:
@@ -205,6 +211,7 @@ class KVPool:
             if parent in self._index or self._hash[bid] is not None:
                 continue
             self._hash[bid], self._tokens[bid] = parent, chunk
+            self._sums[bid] = checksums[i] if checksums else None
             self._index[parent] = bid
             added += 1
         return added
@@ -215,6 +222,43 @@ class KVPool:
         lease = self._lease(lease_id)
         lease.claimed, lease.holder = True, holder or lease.holder
         return list(lease.blocks), self._generations_of(lease.blocks)
+
+    def evict(self, block_ids: list[int]) -> int:
+        """Take these blocks out of the prefix index (their bytes failed a checksum): no
+        prompt finds them again; a pinned one is recycled once its leases let go. How many
+        were indexed."""
+        n = 0
+        for bid in block_ids:
+            if not 0 <= bid < self.num_blocks:
+                raise PoolError("bad_request", f"block {bid} is outside [0, {self.num_blocks})")
+            h = self._hash[bid]
+            if h is None:
+                continue
+            del self._index[h]
+            self._hash[bid] = self._tokens[bid] = self._sums[bid] = None
+            if self._ref[bid] == 0:   # cached and free: now plain free, reused first
+                self._cached_free -= 1
+                self._free.move_to_end(bid, last=False)
+            n += 1
+        self.evicted_blocks += n
+        return n
+
+    def readable(self, lease_id: int, block_ids: list[int]) -> list[int]:
+        """The generations of block_ids, every one of which the live lease holds (a reader
+        copying over the wire); 'bad_request' naming a block it does not hold."""
+        lease = self._lease(lease_id)
+        held = set(lease.blocks)
+        stray = [b for b in block_ids if b not in held]
+        if stray:
+            raise PoolError("bad_request", f"blocks {stray[:8]} are not in lease {lease_id}")
+        self.read_blocks += len(block_ids)
+        return self._generations_of(block_ids)
+
+    def checksums_of(self, block_ids: list[int]) -> list[int]:
+        """The committed checksums of indexed blocks (cached prefix hits); [] when any is
+        unknown (committed without one)."""
+        sums = [self._sums[b] for b in block_ids]
+        return [] if any(v is None for v in sums) else sums
 
     def release(self, lease_id: int) -> int:
         """Unpin every block of the lease, tail first (so a shared prefix is
@@ -273,6 +317,8 @@ class KVPool:
             "expired_leases": self.expired_leases,
             "lookup_tokens": self.lookup_tokens,
             "hit_tokens": self.hit_tokens,
+            "read_blocks": self.read_blocks,
+            "evicted_blocks": self.evicted_blocks,
         }
 
     def idle(self) -> bool:
@@ -311,7 +357,7 @@ class KVPool:
         if h is not None:
             self._cached_free -= 1
             del self._index[h]
-            self._hash[bid] = self._tokens[bid] = None
+            self._hash[bid] = self._tokens[bid] = self._sums[bid] = None
         self._gen[bid] += 1  # before anyone can write into it: readers see the reuse
         self._ref[bid] = 1
         return bid

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from shared.protocol import KVLease, KVPoolInfo
+from shared.protocol import KVBlocks, KVLease, KVPoolInfo
 
 
 class KVStoreError(Exception):
@@ -30,8 +30,15 @@ class KVStorePort(Protocol):
         nothing held."""
 
     def commit(self, request_id: str, lease_id: int, block_ids: list[int],
-               token_ids: list[int]) -> None:
-        """The lease's blocks are written: index the full ones under token_ids."""
+               token_ids: list[int], checksums: list[int] | None = None) -> None:
+        """The lease's blocks are written: index the full ones under token_ids, each with
+        its checksum."""
+
+    def read(self, request_id: str, lease_id: int, block_ids: list[int]) -> "KVBlocks":
+        """A claimed lease's blocks as payload frames (the tcp hand-off)."""
+
+    def evict(self, request_id: str, block_ids: list[int]) -> int:
+        """These blocks failed their checksum: out of the prefix index."""
 
     def claim(self, request_id: str, lease_id: int, holder: str) -> KVLease:
         """Worker `holder` takes over a lease (its blocks and generations)."""

@@ -25,7 +25,7 @@ from shared.buffers.handle import ITEMSIZE, numel
 from shared.buffers.shm import SHM_DIR
 from shared.models.config import ModelConfig
 from shared.protocol import (Ack, ErrorReply, KVAcquire, KVAllocate, KVClaim, KVCommit,
-                             KVDropHolder, KVLookup, KVPoolQuery, KVRelease, KVRenew, KVStats, Msg,
+                             KVDropHolder, KVEvict, KVLookup, KVPoolQuery, KVRead, KVRelease, KVRenew, KVStats, Msg,
                              StatusReply, StatusRequest)
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.layout import pool_shape, segment_nbytes
@@ -46,15 +46,17 @@ class KVStoreService:
         self.dtype = config.resolved_dtype()
         shape = pool_shape(config.num_blocks, model.num_layers, config.block_size,
                            model.num_kv_heads, model.head_dim)
-        _check_shm_space(segment_nbytes(numel(shape) * ITEMSIZE[self.dtype], config.num_blocks),
-                         config.num_blocks)
+        if config.device == "cpu":
+            _check_shm_space(segment_nbytes(numel(shape) * ITEMSIZE[self.dtype], config.num_blocks),
+                             config.num_blocks)
         self._own_ctx = ctx is None
         self.ctx = ctx
         self.sock: zmq.Socket | None = None
         self._metrics: _Metrics | None = None
         self._stop = threading.Event()
         self.store = KVStore(config.num_blocks, config.block_size, model.num_layers,
-                             model.num_kv_heads, model.head_dim, self.dtype, config.lease_ttl_s)
+                             model.num_kv_heads, model.head_dim, self.dtype, config.lease_ttl_s,
+                             device=config.device)
         try:
             self.ctx = ctx or transport.make_context()
             self.sock = _bind(self.ctx, config)
@@ -70,7 +72,10 @@ class KVStoreService:
             KVAcquire: lambda m: st.acquire(m.request_id, m.token_ids, m.holder),
             KVLookup: lambda m: st.lookup(m.request_id, m.token_ids),
             KVAllocate: lambda m: st.allocate(m.request_id, m.num_blocks, m.lease_id),
-            KVCommit: lambda m: _ack(m, st.commit(m.request_id, m.lease_id, m.block_ids, m.token_ids)),
+            KVCommit: lambda m: _ack(m, st.commit(m.request_id, m.lease_id, m.block_ids,
+                                                  m.token_ids, m.checksums)),
+            KVEvict: lambda m: _ack(m, self._evict(m)),
+            KVRead: lambda m: st.read(m.request_id, m.lease_id, m.block_ids),
             KVClaim: lambda m: st.claim(m.request_id, m.lease_id, m.holder),
             KVDropHolder: lambda m: _ack(m, self._drop_holder(m.holder)),
             KVRelease: lambda m: _ack(m, st.release(m.request_id, m.lease_id)),
@@ -79,9 +84,14 @@ class KVStoreService:
             StatusRequest: lambda m: StatusReply(service="kvstore",
                                                  data={"address": self.address, **st.status()}),
         }
-        log.info("kvstore on %s: %d blocks of %d tokens, %s %s, shm %s (%.2f MiB), lease ttl %gs",
+        log.info("kvstore on %s: %d blocks of %d tokens, %s %s on %s, %s (%.2f MiB), lease ttl %gs",
                  self.address, config.num_blocks, config.block_size, self.dtype, shape,
-                 st.segment.name, st.segment.nbytes / 2**20, config.lease_ttl_s)
+                 config.device, st.segment.shm_name, st.segment.nbytes / 2**20, config.lease_ttl_s)
+
+    def _evict(self, m: KVEvict) -> None:
+        n = self.store.evict(m.request_id, m.block_ids)
+        log.warning("request %s: blocks %s failed their checksum; %d taken out of the "
+                    "prefix index", m.request_id, m.block_ids[:8], n)
 
     def _drop_holder(self, holder: str) -> None:
         n = self.store.drop_holder(holder)
@@ -174,7 +184,7 @@ class KVStoreService:
             self.ctx = None
         if self.store is not None:
             self.store.close()
-            log.info("kvstore closed; shm %s unlinked", self.store.segment.name)
+            log.info("kvstore closed; shm %s unlinked", self.store.segment.shm_name)
             self.store = None
 
 

@@ -13,10 +13,13 @@ import uuid
 from typing import Any, Callable
 
 import msgspec
+import torch
 
 from services.kvstore.layout import PoolSegment, generations_handle
-from services.kvstore.pool import KVPool
-from shared.protocol import KVLease, KVLookupReply, KVPoolInfo, KVStatsReply
+from services.kvstore.pool import KVPool, PoolError
+from shared.protocol import KVBlocks, KVLease, KVLookupReply, KVPoolInfo, KVStatsReply
+
+MAX_READ_BLOCKS = 32   # blocks per KVRead (a message carries at most 64 payload frames)
 
 
 class KVStore:
@@ -30,11 +33,11 @@ class KVStore:
 
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, num_kv_heads: int,
                  head_dim: int, dtype: str, lease_ttl_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, device: str = "cpu"):
         self.epoch = random.randrange(1, 1 << 20)
         self.segment = PoolSegment(f"duet-kv-{os.getpid()}-{self.epoch:05x}-{uuid.uuid4().hex[:6]}",
                                    num_blocks, num_layers, block_size, num_kv_heads, head_dim,
-                                   dtype, self.epoch)
+                                   dtype, self.epoch, device)
         try:
             self.pool = KVPool(num_blocks, block_size, lease_ttl_s, clock,
                                generations=self.segment.generations,
@@ -46,12 +49,12 @@ class KVStore:
 
     @classmethod
     def for_model(cls, model_dir: str, num_blocks: int, block_size: int, dtype: str,
-                  lease_ttl_s: float = 30.0) -> "KVStore":
+                  lease_ttl_s: float = 30.0, device: str = "cpu") -> "KVStore":
         """Sized from an HF-style model directory's config.json."""
         from shared.models.config import ModelConfig
         m = ModelConfig.from_dir(model_dir)
         return cls(num_blocks, block_size, m.num_layers, m.num_kv_heads, m.head_dim, dtype,
-                   lease_ttl_s)
+                   lease_ttl_s, device=device)
 
     @property
     def info(self) -> KVPoolInfo:
@@ -63,12 +66,35 @@ class KVStore:
 
     def acquire(self, request_id: str, token_ids: list[int], holder: str = "") -> KVLease:
         lease, blocks, gens, cached = self.pool.acquire(request_id, token_ids, holder)
+        sums = self.pool.checksums_of(blocks[:cached // self.pool.block_size])
         return KVLease(request_id=request_id, lease_id=lease, block_ids=blocks,
-                       generations=gens, num_cached_tokens=cached, pool=self.segment.name)
+                       generations=gens, num_cached_tokens=cached, pool=self.segment.name,
+                       checksums=sums)
 
     def commit(self, request_id: str, lease_id: int, block_ids: list[int],
-               token_ids: list[int]) -> None:
-        self.pool.commit(lease_id, block_ids, token_ids)
+               token_ids: list[int], checksums: list[int] | None = None) -> None:
+        self.pool.commit(lease_id, block_ids, token_ids, checksums)
+
+    def read(self, request_id: str, lease_id: int, block_ids: list[int]) -> KVBlocks:
+        """The lease's blocks as payload frames (KVBlocks.frames), for a reader that cannot
+        map the pool: straight from the shm pages, or staged through host memory from a
+        GPU pool."""
+        if len(block_ids) > MAX_READ_BLOCKS:
+            raise PoolError("bad_request", f"{len(block_ids)} blocks in one read; at most "
+                                           f"{MAX_READ_BLOCKS}")
+        gens = self.pool.readable(lease_id, block_ids)
+        reply = KVBlocks(request_id=request_id, block_ids=list(block_ids), generations=gens)
+        pool = self.segment.pool
+        if pool.is_cuda:
+            staged = pool[torch.tensor(block_ids, device=pool.device)].cpu()
+            blocks = [staged[i] for i in range(len(block_ids))]
+        else:
+            blocks = [pool[b] for b in block_ids]
+        reply.frames = [memoryview(t.view(torch.uint8).numpy()) for t in blocks]
+        return reply
+
+    def evict(self, request_id: str, block_ids: list[int]) -> int:
+        return self.pool.evict(block_ids)
 
     def claim(self, request_id: str, lease_id: int, holder: str = "") -> KVLease:
         blocks, gens = self.pool.claim(lease_id, holder)
@@ -100,10 +126,10 @@ class KVStore:
 
     def status(self) -> dict[str, Any]:
         """Counts, the lease ledger, and the segment's handles (StatusReply data)."""
-        gen = generations_handle(self.info.handle, self.info.num_blocks)
+        gen = generations_handle(self.info.handle, self.info.num_blocks, self.info.generations)
         return {"epoch": self.epoch, "stats": self.pool.stats(), "idle": self.pool.idle(),
                 "ledger": self.pool.ledger(),
-                "dtype": self.dtype, "pool": msgspec.to_builtins(self.info.handle),
+                "dtype": self.dtype, "device": self.segment.device, "pool": msgspec.to_builtins(self.info.handle),
                 "generations": msgspec.to_builtins(gen)}
 
     def expire(self) -> int:

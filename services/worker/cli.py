@@ -34,11 +34,21 @@ def worker_command(default_role: str):
     @click.option("--cuda-graph-max-tokens", default=512, show_default=True, type=int,
                   help="largest prefill/mixed step (tokens) replayed from a CUDA graph; 0: none")
     @click.option("--heartbeat", "heartbeat_s", default=0.5, show_default=True, type=float)
+    @click.option("--kv-verify", default="all", show_default=True,
+                  type=click.Choice(["all", "sample", "off"]),
+                  help="checksums a decode hand-off verifies before decoding: every block, "
+                       "one random block, or none")
+    @click.option("--kv-transport", default="auto", show_default=True,
+                  type=click.Choice(["auto", "shm", "cuda_ipc", "tcp"]),
+                  help="how hand-offs reach this worker: map the store's pool (shm, cuda_ipc; "
+                       "auto picks it where it can) or read blocks over the wire (tcp: a "
+                       "store on another host; decode only)")
     @click.option("--curve-dir", default=None)
     @click.option("--log-level", default="INFO", show_default=True)
     def cmd(role, model, dtype, device, gateway_addr, kvstore_addr, worker_id, num_kv_blocks,
             max_num_seqs, max_num_batched_tokens, threads, attention_backend, enforce_eager,
-            cuda_graph_max_batch, cuda_graph_max_tokens, heartbeat_s, curve_dir, log_level):
+            cuda_graph_max_batch, cuda_graph_max_tokens, heartbeat_s, kv_verify, kv_transport, curve_dir,
+            log_level):
         logging.basicConfig(level=log_level, format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
         try:
             eng = EngineConfig(model=model, dtype=dtype, device=device, num_kv_blocks=num_kv_blocks,
@@ -49,7 +59,8 @@ def worker_command(default_role: str):
                                cuda_graph_max_tokens=cuda_graph_max_tokens)
             kw = {"worker_id": worker_id} if worker_id else {}
             cfg = WorkerConfig(role=role, gateway_addr=gateway_addr, kvstore_addr=kvstore_addr or None,
-                               engine=eng, heartbeat_s=heartbeat_s, curve_dir=curve_dir, **kw)
+                               engine=eng, heartbeat_s=heartbeat_s, curve_dir=curve_dir,
+                               kv_verify=kv_verify, kv_transport=kv_transport, **kw)
         except ValueError as e:
             raise click.BadParameter(str(e))
         from services.worker.worker import Worker

@@ -22,6 +22,8 @@ class WorkerConfig:
     liveness: int = 20
     curve_dir: str | None = None
     startup_timeout_s: float = 120.0     # how long to wait for the store at start
+    kv_verify: str = "all"               # hand-off checksums to verify: all | sample | off
+    kv_transport: str = "auto"           # auto | shm | cuda_ipc | tcp (reads over the wire)
 
     def __post_init__(self):
         if self.role not in ROLES:

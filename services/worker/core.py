@@ -22,11 +22,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.kvstore.layout import StaleBlockError, open_pool
-from shared.buffers.shm import ShmRegion
+import torch
+
+from services.kvstore.layout import KVChecksumError, StaleBlockError, close_pool, open_pool
 from services.kvstore.port import KVStoreError, KVStorePort
-from services.worker.handoff import DecodeClaim, PrefillLease
+from services.worker.handoff import VERIFY_MODES, DecodeClaim, PrefillLease
+
+KV_TRANSPORTS = ("auto", "shm", "cuda_ipc", "tcp")
 from shared import protocol as P
+from shared.buffers import dtypes
 from shared.engine.engine import LLMEngine
 from shared.engine.kv_cache import StoreKVCache
 from shared.engine.leased_blocks import LeasedBlockManager
@@ -61,9 +65,17 @@ class DecodeJob:
 class WorkerCore:
     def __init__(self, worker_id: str, role: str, engine: LLMEngine,
                  store: KVStorePort | None = None, clock: Callable[[], float] = time.monotonic,
-                 incarnation: str | None = None):
+                 incarnation: str | None = None, kv_verify: str = "all",
+                 kv_transport: str = "auto"):
         if role not in P.ROLES:
             raise ValueError(f"role={role!r} must be one of {P.ROLES}")
+        if kv_verify not in VERIFY_MODES:
+            raise ValueError(f"kv_verify={kv_verify!r} must be one of {VERIFY_MODES}")
+        if kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport={kv_transport!r} must be one of {KV_TRANSPORTS}")
+        self.kv_verify, self.kv_transport = kv_verify, kv_transport
+        self.transport = ""          # the one in use once attached: shm, cuda_ipc or tcp
+        self.checksum_failures = 0   # hand-offs refused: their blocks failed the checksum
         self.worker_id, self.role, self.clock = worker_id, role, clock
         self.incarnation = incarnation or uuid.uuid4().hex[:8]
         self.draining = False     # the gateway routes nothing new here; kept for status
@@ -72,7 +84,8 @@ class WorkerCore:
         if store is not None:
             self.attach_store(store)
         if role == "prefill" and self.prefill is None:
-            raise ValueError("role prefill needs a KV store (prefill writes into its blocks)")
+            raise ValueError("role prefill needs a KV store whose pool it maps (prefill writes "
+                             "into its blocks in place: the store's host, not --kv-transport tcp)")
         self.prefill_jobs: dict[str, PrefillJob] = {}
         self.decode_jobs: dict[str, DecodeJob] = {}
         # progress, read by the IO thread: when the running step began (None: between
@@ -85,19 +98,44 @@ class WorkerCore:
                           P.Drain: self._on_drain, P.StatusRequest: self._on_status}
 
     def attach_store(self, store: KVStorePort, info: P.KVPoolInfo | None = None) -> None:
-        """Map the store's pool and build the prefill engine over it (same model)."""
+        """Map the store's pool and build the prefill engine over it (same model); or, with
+        kv_transport tcp (forced, or auto where the pool cannot be mapped: another host),
+        take hand-offs over the wire and prefill nothing."""
         info = info or store.pool_info()
-        pool, generations = open_pool(info)
         mc, eng = self.decode.model.config, self.decode
+        here = eng.model.embed_tokens.weight.device
         want = (mc.num_layers, mc.num_kv_heads, mc.head_dim, eng.config.block_size)
         have = (info.num_layers, info.num_kv_heads, info.head_dim, info.block_size)
         if want != have:
             raise ValueError(f"KV-store pool (layers, kv heads, head dim, block size)={have} "
                              f"does not fit this model {want}")
+        backend = info.handle.backend
+        if self.kv_transport not in ("auto", "tcp", backend):
+            raise ValueError(f"--kv-transport {self.kv_transport} cannot reach a pool in "
+                             f"{backend} (use auto, tcp or {backend})")
         dtype = eng.model.embed_tokens.weight.dtype
-        if pool.dtype != dtype:
-            raise ValueError(f"KV-store pool dtype {pool.dtype} differs from the model's {dtype}: "
+        if dtypes.to_torch(info.dtype) != dtype:
+            raise ValueError(f"KV-store pool dtype {info.dtype} differs from the model's {dtype}: "
                              f"start both with one --dtype")
+        pool = generations = None
+        if self.kv_transport != "tcp":
+            if (backend == "cuda_ipc") != (here.type == "cuda"):
+                where = "GPU memory" if backend == "cuda_ipc" else "host shared memory"
+                raise ValueError(f"the KV-store pool is in {where} but this worker runs on "
+                                 f"{here}: start workers and the store on one kind of device "
+                                 f"(--device cuda for both, or cpu for both), or take hand-offs "
+                                 f"over the wire with --kv-transport tcp")
+            try:
+                pool, generations = open_pool(info)
+            except (FileNotFoundError, ValueError) as e:
+                if self.kv_transport != "auto":
+                    raise
+                log.warning("cannot map the store's pool (%s): KV hand-offs over tcp", e)
+        if pool is None:   # over the wire: decode only
+            self.store, self.pool_info, self.pool, self.generations = store, info, None, None
+            self.transport, self.prefill = "tcp", None
+            return
+        self.transport = backend
         self.store, self.pool_info, self.pool, self.generations = store, info, pool, generations
         self.prefill = LLMEngine(eng.model, eng.config, tuple(eng.eos_token_ids), eng.tokenizer,
                                  block_manager=LeasedBlockManager(info.num_blocks, info.block_size),
@@ -112,15 +150,16 @@ class WorkerCore:
         info = self.store.pool_info()
         if info.handle.base != pool_name:
             return None
-        old = self.pool_info.handle.base
-        log.warning("the KV store restarted (pool %s -> %s, epoch %d): re-attaching", old,
-                    pool_name, info.epoch)
+        old = self.pool_info
+        log.warning("the KV store restarted (pool %s -> %s, epoch %d): re-attaching",
+                    old.handle.base[:32], pool_name[:32], info.epoch)
         dropped = list(self.prefill_jobs)
         for rid in dropped:
             self.prefill_jobs.pop(rid)
             self.prefill.abort(rid)
         self.attach_store(self.store, info)
-        ShmRegion.attach(old).close()   # unmapped once the old engine's views are gone
+        if self.transport != "tcp":
+            close_pool(old)   # unmapped once the old engine's views are gone
         return [P.ErrorReply(code="unavailable", request_id=rid,
                              message="KV store unavailable: it restarted during the prefill")
                 for rid in dropped]
@@ -140,7 +179,9 @@ class WorkerCore:
             return [self._error(rid, e)]
 
     def _error(self, rid: str | None, e: Exception) -> P.ErrorReply:
-        if isinstance(e, KVStoreError):
+        if isinstance(e, KVChecksumError):
+            code, msg = "kv_corrupt", str(e)
+        elif isinstance(e, KVStoreError):
             code = "unavailable" if e.code == "timeout" else e.code
             msg = f"KV store unavailable: {e.message}" if code == "unavailable" else e.message
         elif isinstance(e, StaleBlockError):
@@ -166,6 +207,8 @@ class WorkerCore:
             if msgs is None:
                 raise StaleBlockError(f"the store answered from pool {lease.pool!r}, which "
                                       f"is not its current one")
+            self._verified(req.request_id, lambda: lease.verify_cached(
+                self.pool, self.pool_info.block_size, self.kv_verify))
             self.prefill.block_manager.assign(req.request_id, lease.block_ids, lease.cached_tokens)
             self.prefill.add_request(req.request_id, req.prompt_ids, params)
         except BaseException:
@@ -196,17 +239,33 @@ class WorkerCore:
                                   f"{req.kv.handle.base!r}, which the store no longer serves "
                                   f"(it restarted)")
         claim = DecodeClaim.claim(self.store, self.pool_info, req.request_id, req.lease_id, req.kv,
-                                  self.worker_id)
+                                  self.worker_id, self.kv_verify)
         t_copy = self.clock()
         try:
-            self.decode.add_prefilled(
-                req.request_id, req.prompt_ids, req.first_token, params,
-                lambda dst: claim.copy_into(self.decode.kv_cache, self.pool, self.generations, dst))
+            if self.pool is None:   # tcp: the blocks come over the wire
+                load = lambda dst: claim.fetch_into(self.decode.kv_cache, self.store,  # noqa: E731
+                                                    self.pool_info, dst)
+            else:
+                load = lambda dst: claim.copy_into(self.decode.kv_cache, self.pool,  # noqa: E731
+                                                   self.generations, dst)
+            self._verified(req.request_id, lambda: self.decode.add_prefilled(
+                req.request_id, req.prompt_ids, req.first_token, params, load))
         finally:
             self._quietly(claim.release, req.request_id)
         job.timings["kv_handoff"] = self.clock() - t_copy
         self.decode_jobs[req.request_id] = job
         return msgs
+
+    def _verified(self, rid: str, fn: Callable[[], object]) -> None:
+        """Run fn; on a KVChecksumError the bad blocks leave the store's prefix index (no
+        later prompt reuses them), the failure is counted, and the error goes on up (the
+        gateway prefills the prompt again)."""
+        try:
+            fn()
+        except KVChecksumError as e:
+            self.checksum_failures += 1
+            self._quietly(lambda: self.store.evict(rid, e.block_ids), rid)
+            raise
 
     def _on_abort(self, msg: P.Abort) -> list[P.Msg]:
         self.abort(msg.request_id, msg.reason)
@@ -300,7 +359,10 @@ class WorkerCore:
 
     def _prefill_done(self, job: PrefillJob, out, t0: float) -> P.PrefillDone:
         req, lease = job.req, job.lease
+        if self.pool.is_cuda:   # every KV write into the GPU pool done before anyone is told
+            torch.cuda.current_stream(self.pool.device).synchronize()
         lease.check(self.generations, "after the prefill step")
+        lease.hash_blocks(self.pool, len(req.prompt_ids), self.pool_info.block_size)
         lease.commit(req.prompt_ids)
         first = out.new_token_ids[0]
         reason = self.decode.finish_reason_for(first, job.params, 1, len(req.prompt_ids) + 1)
@@ -378,7 +440,9 @@ class WorkerCore:
     def status(self) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "draining": self.draining,
                 "decode": self.decode.idle_counts(), "prefill_jobs": len(self.prefill_jobs),
-                "decode_jobs": len(self.decode_jobs)}
+                "decode_jobs": len(self.decode_jobs), "kv_verify": self.kv_verify,
+                "kv_checksum_failures": self.checksum_failures,
+                "kv_transport": self.transport}
 
     def progress(self, now: float) -> tuple[float, float]:
         """(busy_s, expected_s) of the running step, (0, 0) between steps; safe to call

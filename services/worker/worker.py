@@ -69,7 +69,8 @@ class Worker:
                                   curve=self.curve, timeout_s=STORE_TIMEOUT_S)
             _wait_for(store, config.startup_timeout_s)
         self.core = WorkerCore(config.worker_id, config.role,
-                               engine or LLMEngine.from_config(config.engine), store)
+                               engine or LLMEngine.from_config(config.engine), store,
+                               kv_verify=config.kv_verify, kv_transport=config.kv_transport)
         self.devices = [config.engine.device]
         self.inbox: queue.Queue = queue.Queue()       # gateway messages for the engine thread
         self.stop_event = threading.Event()

@@ -6,10 +6,12 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 
 import openai
 import pytest
 import requests
+import torch
 import zmq
 
 from shared.engine.sampling_params import SamplingParams
@@ -30,6 +32,15 @@ def disagg(smollm2_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def coloc(smollm2_dir, tmp_path_factory):
     mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("coloc-logs"), colocated=True)
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture(scope="module")
+def disagg_tcp(smollm2_dir, tmp_path_factory):
+    """Decode takes hand-offs over the wire, as a decode worker on another host must."""
+    mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("tcp-logs"), prefill=1, decode=1,
+                      kv_transport="tcp")
     yield mesh
     mesh.stop()
 
@@ -160,6 +171,77 @@ def test_decode_reads_the_pages_prefill_wrote(disagg, smollm2_engine):
         time.sleep(0.1)
     assert _worker(disagg, "prefill-0")["decode_steps"] == 0     # its own cache: never used
     assert _worker(disagg, "decode-0")["prefill_steps"] == 0
+
+
+def test_tcp_handoff_gives_the_text_of_shm_and_colocated(disagg_tcp, smollm2_engine):
+    """--kv-transport tcp: the decode worker reads its blocks from the store as ZeroMQ
+    frames (a 600-token prompt takes two reads of at most 32 blocks); the text is the
+    engine's, which test_greedy_through_mesh_equals_engine_and_colocated shows shm and
+    colocated give too."""
+    tok = smollm2_engine.tokenizer
+    long = "Over the wire, every block travels as one frame from the pool's own pages. " * 38
+    before = kv_stats(disagg_tcp)["stats"]["read_blocks"]
+    c = client(disagg_tcp)
+    want_chat, _ = engine_text(smollm2_engine, tok.apply_chat_template(CHAT), 24)
+    r = c.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == want_chat
+    for prompt, n in ((PROMPT, 24), (long, 8)):
+        ids = tok.encode(prompt)
+        r = c.completions.create(model="smollm2", prompt=prompt, max_tokens=n, temperature=0)
+        assert r.choices[0].text == engine_text(smollm2_engine, ids, n)[0]
+    assert len(tok.encode(long)) > 33 * 16
+    after = kv_stats(disagg_tcp)["stats"]["read_blocks"]
+    assert after - before >= 34 + 3           # every block of every hand-off came as a frame
+    wait_idle(disagg_tcp)
+
+
+def _metric(mesh, name: str) -> float:
+    with urllib.request.urlopen(mesh.url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_flipped_byte_in_the_store_is_caught_and_the_prompt_prefilled_again(disagg,
+                                                                               smollm2_engine):
+    """Flip one byte of a committed (cached) block in the shared pool: the checksum catches
+    it before anyone computes on it, the bad block leaves the prefix cache, the request
+    still gets the reference text, and duet_kv_checksum_failures_total moves."""
+    from services.kvstore.client import KVStoreClient
+    from services.kvstore.layout import open_pool
+    from shared.transport import close_context, make_context
+
+    tok = smollm2_engine.tokenizer
+    text = "Checksums guard every block of the key-value cache against silent rot. " * 3
+    ids = tok.encode(text)
+    want = engine_text(smollm2_engine, ids, 8)[0]
+    c = client(disagg)
+    assert c.completions.create(model="smollm2", prompt=text, max_tokens=8,
+                                temperature=0).choices[0].text == want
+    wait_idle(disagg)
+    ctx = make_context()
+    try:
+        with KVStoreClient(ctx, disagg.addr["kvstore"], "rot-probe", curve=disagg.client_curve()) as kv:
+            pool, _ = open_pool(kv.pool_info())
+            hit = kv.lookup("rot", ids + [0])
+            kv.release("rot", hit.lease_id)
+            assert len(hit.block_ids) >= 3
+            bad = hit.block_ids[1]
+            raw = pool[bad].view(torch.uint8).view(-1)
+            raw[4321] ^= 0x01                        # one bit of one byte
+    finally:
+        close_context(ctx)
+    before = _metric(disagg, "duet_kv_checksum_failures_total")
+    r = c.completions.create(model="smollm2", prompt=text, max_tokens=8, temperature=0)
+    assert r.choices[0].text == want
+    assert _metric(disagg, "duet_kv_checksum_failures_total") == before + 1
+    st, _ = wait_idle(disagg)
+    # the prefix cache now stops before the bad block, and a third request is served normally
+    assert c.completions.create(model="smollm2", prompt=text, max_tokens=8,
+                                temperature=0).choices[0].text == want
+    assert _metric(disagg, "duet_kv_checksum_failures_total") == before + 1
+    wait_idle(disagg)
 
 
 def test_hostile_frames_are_rejected_and_services_keep_serving(disagg):

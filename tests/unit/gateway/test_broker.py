@@ -415,3 +415,55 @@ def test_a_handoff_waits_for_a_decode_worker_keeping_its_lease_alive(clock):
     out = b.tick()
     assert ("r2", 6) in out.releases and any(
         e.finish_reason == "error" for r, e in out.deliveries if r == "r2")
+
+
+def test_corrupt_kv_at_the_claim_is_prefilled_again_keeping_token_one(clock):
+    b = broker(clock)
+    register(b, "prefill-0", "prefill")
+    register(b, "decode-0", "decode")
+    f = flight()
+    b.start(f)
+    out = b.on_message(b"prefill-0", prefill_done(token=7, lease=5))
+    assert [e.token_ids for e in events(out)] == [[7]]
+    out = b.on_message(b"decode-0", P.ErrorReply(code="kv_corrupt", request_id="r1",
+                                                 message="KV checksum mismatch: blocks [4]"))
+    # the lease goes back, nothing reaches the client, the prompt goes to prefill again
+    assert out.releases == [("r1", 5)] and not out.deliveries
+    [(who, req)] = sent(out)
+    assert who == "prefill-0" and isinstance(req, P.PrefillRequest)
+    assert b.counters["kv_checksum_failures"] == 1 and f.stage == Stage.PREFILLING
+    # the new prefill sampled token 9, but the client already has 7: decode continues from 7
+    out = b.on_message(b"prefill-0", prefill_done(token=9, lease=6))
+    assert not out.deliveries
+    [(who, dec)] = sent(out)
+    assert who == "decode-0" and (dec.first_token, dec.lease_id) == (7, 6)
+    out = b.on_message(b"decode-0", tokens(ids=[8], finish="length"))
+    assert [e.token_ids for e in events(out)] == [[8]] and not b.flights
+    assert b.stats()["kv_checksum_failures"] == 1
+
+
+def test_corrupt_kv_again_and_again_ends_with_a_clear_error(clock):
+    b = broker(clock)
+    register(b, "prefill-0", "prefill")
+    register(b, "decode-0", "decode")
+    b.start(flight())
+    for lease in (5, 6, 7):
+        b.on_message(b"prefill-0", prefill_done(lease=lease))
+        out = b.on_message(b"decode-0", P.ErrorReply(code="kv_corrupt", request_id="r1",
+                                                     message="KV checksum mismatch"))
+    [ev] = events(out)
+    assert ev.finish_reason == "error" and "kv_corrupt" in ev.error and not b.flights
+    assert b.counters["kv_checksum_failures"] == 3
+
+
+def test_corrupt_cached_prefix_found_by_prefill_is_dispatched_again(clock):
+    b = broker(clock)
+    register(b, "prefill-0", "prefill")
+    register(b, "decode-0", "decode")
+    f = flight()
+    b.start(f)
+    out = b.on_message(b"prefill-0", P.ErrorReply(code="kv_corrupt", request_id="r1",
+                                                  message="KV checksum mismatch in the prefix"))
+    [(who, req)] = sent(out)
+    assert who == "prefill-0" and isinstance(req, P.PrefillRequest) and not out.deliveries
+    assert b.counters["kv_checksum_failures"] == 1 and f.retries == 1

@@ -1,11 +1,15 @@
 """The C++ CPU kernels against their torch references, on fresh random inputs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from kernels import cpu_kernels as K
 
+if os.environ.get("DUET_REQUIRE_CPU_KERNELS") == "1" and not K.available():
+    raise RuntimeError(f"DUET_REQUIRE_CPU_KERNELS=1 but the CPU kernels did not build: {K._failed}")
 pytestmark = pytest.mark.skipif(not K.available(), reason="no C++ toolchain to build the CPU kernels")
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -36,7 +36,8 @@ def test_allocate_hands_out_lowest_ids_and_bumps_generations():
     assert pool.allocate("r1", 1, lease_id=1) == (1, [5], [1])
     assert pool.claim(1) == ([0, 1, 2, 5], [1, 1, 1, 1])
     assert pool.stats() == {"total_blocks": 8, "free_blocks": 2, "cached_blocks": 0, "leased_blocks": 6,
-                            "leases": 2, "expired_leases": 0, "lookup_tokens": 0, "hit_tokens": 0}
+                            "leases": 2, "expired_leases": 0, "lookup_tokens": 0, "hit_tokens": 0,
+                                "read_blocks": 0, "evicted_blocks": 0}
     assert pool.release(1) == 4 and pool.release(2) == 2
     assert_idle(pool)
 

@@ -307,3 +307,97 @@ def test_a_restarted_store_is_a_new_epoch_the_worker_reattaches_to(model, store)
         assert err.code == "stale_kv" and "no longer serves" in err.message
     finally:
         new.close()
+
+
+def _flip(store, block, byte=100):
+    raw = store.segment.pool[block].view(torch.uint8).view(-1)
+    raw[byte] ^= 0x10
+
+
+def test_a_corrupted_block_is_never_decoded_from(model, store):
+    pre = WorkerCore("prefill-0", "prefill", engine(model), store)
+    dec_engine = engine(model)
+    dec = WorkerCore("decode-0", "decode", dec_engine, store)
+    pre.handle(prefill_req())
+    [done] = run(pre)
+    assert len(done.kv.checksums) == 3                      # one per block of the prompt
+    _flip(store, done.kv.block_ids[1])                      # a bit rots in the store
+    [err] = dec.handle(handoff(done))
+    assert err.code == "kv_corrupt" and f"blocks [{done.kv.block_ids[1]}]" in err.message
+    assert not dec.decode_jobs and dec.status()["kv_checksum_failures"] == 1
+    assert_idle(dec_engine)
+    assert store.pool.idle()                                # the claim was released
+    # the bad block left the prefix index: the same prompt reuses block 0 only
+    pre.handle(prefill_req("r2"))
+    [done2] = run(pre)
+    assert done2.num_cached_tokens == 16
+    assert dec.handle(handoff(done2)) == []
+    got = [done2.first_token] + [t for b in run(dec) for t in b.ids]
+    assert got == reference(model)
+    assert_idle(dec_engine) and store.pool.idle()
+
+
+def test_prefill_checks_the_cached_prefix_before_using_it(model, store):
+    pre = WorkerCore("prefill-0", "prefill", engine(model), store)
+    pre.handle(prefill_req())
+    [done] = run(pre)
+    store.release("r1", done.lease_id)
+    _flip(store, done.kv.block_ids[0])
+    [err] = pre.handle(prefill_req("r2"))
+    assert err.code == "kv_corrupt" and err.request_id == "r2" and not pre.prefill_jobs
+    assert store.pool.idle() and pre.checksum_failures == 1
+    pre.handle(prefill_req("r3"))                           # nothing cached is trusted now
+    [done3] = run(pre)
+    assert done3.num_cached_tokens == 0 and done3.first_token == done.first_token
+    store.release("r3", done3.lease_id)
+
+
+def test_verify_off_skips_the_check(model, store):
+    pre = WorkerCore("prefill-0", "prefill", engine(model), store)
+    dec = WorkerCore("decode-0", "decode", engine(model), store, kv_verify="off")
+    pre.handle(prefill_req())
+    [done] = run(pre)
+    _flip(store, done.kv.block_ids[2], byte=4)
+    assert dec.handle(handoff(done)) == []
+    run(dec)
+    with pytest.raises(ValueError, match="kv_verify='some' must be one of"):
+        WorkerCore("decode-1", "decode", engine(model), store, kv_verify="some")
+
+
+def test_a_decode_worker_on_another_host_takes_the_handoff_over_tcp(model, store):
+    """kv_transport tcp: the decode side never maps the pool; its blocks come as frames."""
+    pre = WorkerCore("prefill-0", "prefill", engine(model), store)
+    dec_engine = engine(model)
+    dec = WorkerCore("decode-0", "decode", dec_engine, store, kv_transport="tcp")
+    assert dec.pool is None and dec.prefill is None and dec.status()["kv_transport"] == "tcp"
+    pre.handle(prefill_req())
+    [done] = run(pre)
+    assert dec.handle(handoff(done)) == []
+    got = [done.first_token] + [t for b in run(dec) for t in b.ids]
+    assert got == reference(model)
+    assert store.stats().read_blocks == 3 and store.pool.idle()
+    assert_idle(dec_engine)
+    # the checksum guards the wire path too
+    pre.handle(prefill_req("r2"))
+    [done2] = run(pre)
+    _flip(store, done2.kv.block_ids[2])
+    [err] = dec.handle(handoff(done2))
+    assert err.code == "kv_corrupt" and "after the tcp read" in err.message
+    assert store.pool.idle() and not dec.decode_jobs
+    with pytest.raises(ValueError, match="role prefill needs a KV store whose pool it maps"):
+        WorkerCore("prefill-1", "prefill", engine(model), store, kv_transport="tcp")
+    with pytest.raises(ValueError, match="--kv-transport cuda_ipc cannot reach a pool in shm"):
+        WorkerCore("decode-1", "decode", engine(model), store, kv_transport="cuda_ipc")
+
+
+def test_the_store_reads_only_a_leases_own_blocks(store):
+    lease = store.acquire("a", list(range(1, 40)), "prefill-0")
+    got = store.read("a", lease.lease_id, lease.block_ids[:2])
+    assert got.block_ids == lease.block_ids[:2] and len(got.frames) == 2
+    assert got.frames[0].nbytes == 2 * 2 * 16 * 2 * 16 * 4
+    other = [b for b in range(32) if b not in lease.block_ids][0]
+    with pytest.raises(KVStoreError, match=rf"blocks \[{other}\] are not in lease"):
+        store.read("a", lease.lease_id, [other])
+    with pytest.raises(KVStoreError, match="33 blocks in one read; at most 32"):
+        store.read("a", lease.lease_id, [lease.block_ids[0]] * 33)
+    store.release("a", lease.lease_id)
