@@ -25,11 +25,16 @@ import click
 @click.option("--max-concurrency-per-key", default=64, show_default=True,
               type=click.IntRange(min=0), help="requests one API key may hold at once; more "
               "get 429 (0: no limit)")
+@click.option("--generation-config", default="auto", show_default=True,
+              type=click.Choice(["auto", "none"]),
+              help="auto: the model's generation_config.json sets default sampling parameters "
+                   "(temperature, top_p, top_k, min_p, repetition_penalty), which requests "
+                   "override; none: OpenAI's defaults")
 @click.option("--curve-dir", default=None)
 @click.option("--log-level", default="INFO", show_default=True)
 def main(model, served_model_name, router_addr, tokenizer_addrs, kvstore_addr, host, port,
-         threads, heartbeat_s, queue_timeout_s, api_keys, max_concurrency_per_key, curve_dir,
-         log_level):
+         threads, heartbeat_s, queue_timeout_s, api_keys, max_concurrency_per_key,
+         generation_config, curve_dir, log_level):
     logging.basicConfig(level=log_level, format="%(asctime)s gateway[%(process)d] %(levelname)s %(message)s")
     from shared.models.hub import resolve_model
     from services.gateway.admin_routes import admin_blueprint
@@ -45,7 +50,15 @@ def main(model, served_model_name, router_addr, tokenizer_addrs, kvstore_addr, h
     backend = BrokerClient(resolve_model(model), router_addr, list(tokenizer_addrs),
                           kvstore_addr or None, heartbeat_s=heartbeat_s, curve_dir=curve_dir,
                           model_name=served_model_name or model, queue_timeout_s=queue_timeout_s)
-    app = create_app(backend, api_keys=keys, max_concurrency_per_key=max_concurrency_per_key)
+    from shared.sampling_defaults import describe, sampling_defaults
+    try:
+        defaults = sampling_defaults(resolve_model(model)) if generation_config == "auto" else {}
+    except ValueError as e:
+        backend.close()
+        raise click.ClickException(str(e)) from None
+    logging.info("sampling defaults: %s (a request's own values override them)", describe(defaults))
+    app = create_app(backend, api_keys=keys, max_concurrency_per_key=max_concurrency_per_key,
+                     sampling_defaults=defaults)
     app.register_blueprint(admin_blueprint(backend, keys))
     logging.info("workers connect to %s", router_addr)
     try:

@@ -30,7 +30,8 @@ from services.gateway.http_metrics import GatewayMetrics
 from services.gateway.limits import KeyLimiter
 from services.gateway.openai_api import (ApiError, CompletionRequest, completion_logprobs,
                                          chat_logprobs, new_response_id, now, parse_chat,
-                                         parse_completion, response_body, stream_chunk,
+                                         parse_completion, parse_detokenize, parse_tokenize,
+                                         response_body, stream_chunk,
                                          usage_chunk)
 
 log = logging.getLogger("duet.gateway")
@@ -40,13 +41,15 @@ MAX_BODY_BYTES = 4 << 20
 
 def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=None,
                ttft_target_s: float = 2.0, tpot_target_s: float = 0.2,
-               max_body_bytes: int = MAX_BODY_BYTES, max_concurrency_per_key: int = 0) -> Flask:
+               max_body_bytes: int = MAX_BODY_BYTES, max_concurrency_per_key: int = 0,
+               sampling_defaults: dict | None = None) -> Flask:
     """The gateway app over `backend`. `tokenizer` (a shared.tokenization.Tokenizer for
     detokenization) defaults to backend.tokenizer. With api_keys, every /v1/ route
     needs `Authorization: Bearer <key>`; /health and /metrics stay open. Each key is a
     tenant ("key-0", "key-1", ... in sorted key order; "anonymous" without keys): the
     broker queues fairly between tenants, and with max_concurrency_per_key a tenant
-    holding that many requests gets 429 with Retry-After for the next."""
+    holding that many requests gets 429 with Retry-After for the next. sampling_defaults:
+    the model's (generation_config.json), which each request's own values override."""
     tokenizer = tokenizer or getattr(backend, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("create_app needs a tokenizer to detokenize: pass tokenizer= or "
@@ -67,7 +70,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
     def start_request():
         g.arrival, g.t0, g.request_id = time.time(), time.monotonic(), None
         g.tenant = "anonymous"
-        if tenants and request.path.startswith("/v1/"):
+        if tenants and request.path.startswith(("/v1/", "/tokenize", "/detokenize")):
             auth = request.headers.get("Authorization", "")
             given = auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
             match = [t for k, t in tenants.items() if hmac.compare_digest(given, k)]
@@ -129,13 +132,36 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
     def prometheus():
         return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
+    @app.post("/tokenize")
+    def tokenize():
+        what = parse_tokenize(json_body(), backend.model_name)
+        if "prompt" in what:
+            ids = tokenizer.encode(what["prompt"], add_special_tokens=what["add_special_tokens"])
+        else:
+            try:
+                ids = tokenizer.apply_chat_template(what["messages"], what["add_generation_prompt"])
+            except ValueError as e:
+                raise ApiError(400, str(e), param="messages") from None
+        return jsonify({"count": len(ids), "max_model_len": backend.max_model_len,
+                        "tokens": ids})
+
+    @app.post("/detokenize")
+    def detokenize():
+        ids = parse_detokenize(json_body(), backend.model_name)
+        vocab = getattr(tokenizer, "vocab_size", None)
+        bad = [t for t in ids if vocab is not None and t >= vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})",
+                           param="tokens")
+        return jsonify({"prompt": tokenizer.decode(ids, skip_special_tokens=False)})
+
     @app.post("/v1/completions")
     def completions():
-        return generate(parse_completion(json_body(), backend.model_name))
+        return generate(parse_completion(json_body(), backend.model_name, sampling_defaults))
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        return generate(parse_chat(json_body(), backend.model_name))
+        return generate(parse_chat(json_body(), backend.model_name, sampling_defaults))
 
     def generate(req: CompletionRequest):
         rid = g.request_id = new_response_id(req.endpoint)

@@ -206,7 +206,8 @@ def _logprobs(body: dict, endpoint: str) -> int | None:
     return top or 0
 
 
-def _sampling(body: dict, endpoint: str) -> tuple[SamplingParams, int | None]:
+def _sampling(body: dict, endpoint: str,
+              defaults: dict | None = None) -> tuple[SamplingParams, int | None]:
     max_tokens = _get(body, "max_tokens", "int")
     if endpoint == "chat":
         max_tokens = _get(body, "max_completion_tokens", "int", max_tokens)
@@ -224,7 +225,7 @@ def _sampling(body: dict, endpoint: str) -> tuple[SamplingParams, int | None]:
                                 ("frequency_penalty", "number", 0.0),
                                 ("repetition_penalty", "number", 1.0),
                                 ("seed", "int", None), ("n", "int", 1)):
-        kw[name] = _get(body, name, want, default)
+        kw[name] = _get(body, name, want, (defaults or {}).get(name, default))
     try:
         params = SamplingParams(**kw)
     except ValueError as e:
@@ -233,7 +234,8 @@ def _sampling(body: dict, endpoint: str) -> tuple[SamplingParams, int | None]:
     return params, max_tokens
 
 
-def _parse(body: Any, served_model: str, endpoint: str) -> CompletionRequest:
+def _parse(body: Any, served_model: str, endpoint: str,
+           defaults: dict | None = None) -> CompletionRequest:
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {_kind(body)}")
     model = _model(body, served_model)
@@ -242,7 +244,7 @@ def _parse(body: Any, served_model: str, endpoint: str) -> CompletionRequest:
     else:
         prompt, prompt_ids, messages = None, None, _messages(body)
     _unsupported(body, endpoint)
-    params, max_tokens = _sampling(body, endpoint)
+    params, max_tokens = _sampling(body, endpoint, defaults)
     stream = _get(body, "stream", "bool", False)
     options = _get(body, "stream_options", "object")
     if options is not None and not stream:
@@ -255,14 +257,16 @@ def _parse(body: Any, served_model: str, endpoint: str) -> CompletionRequest:
                              messages, stream, include_usage, _get(body, "user", "str"))
 
 
-def parse_completion(body: Any, served_model: str) -> CompletionRequest:
-    """Validate a /v1/completions body; ApiError on anything wrong."""
-    return _parse(body, served_model, "completions")
+def parse_completion(body: Any, served_model: str,
+                     defaults: dict | None = None) -> CompletionRequest:
+    """Validate a /v1/completions body; ApiError on anything wrong. `defaults`: the
+    model's sampling defaults (shared.sampling_defaults), which the body overrides."""
+    return _parse(body, served_model, "completions", defaults)
 
 
-def parse_chat(body: Any, served_model: str) -> CompletionRequest:
+def parse_chat(body: Any, served_model: str, defaults: dict | None = None) -> CompletionRequest:
     """Validate a /v1/chat/completions body; ApiError on anything wrong."""
-    return _parse(body, served_model, "chat")
+    return _parse(body, served_model, "chat", defaults)
 
 
 # -- responses ------------------------------------------------------------------------
@@ -373,3 +377,32 @@ def usage_chunk(req: CompletionRequest, rid: str, created: int, prompt_tokens: i
 
 def now() -> int:
     return int(time.time())
+
+
+def parse_tokenize(body: Any, served_model: str) -> dict:
+    """A /tokenize body (vLLM's): {"prompt": str, "add_special_tokens"} or {"messages":
+    [...], "add_generation_prompt"}; model optional. What to encode; ApiError if wrong."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {_kind(body)}")
+    if body.get("model") is not None:
+        _model(body, served_model)
+    if ("prompt" in body) == ("messages" in body):
+        raise ApiError(400, "give exactly one of 'prompt' (text) and 'messages' (a chat)",
+                       param="prompt")
+    if "prompt" in body:
+        return {"prompt": _get(body, "prompt", "str"),
+                "add_special_tokens": _get(body, "add_special_tokens", "bool", True)}
+    return {"messages": _messages(body),
+            "add_generation_prompt": _get(body, "add_generation_prompt", "bool", True)}
+
+
+def parse_detokenize(body: Any, served_model: str) -> list[int]:
+    """A /detokenize body: {"tokens": [ids]}; model optional."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {_kind(body)}")
+    if body.get("model") is not None:
+        _model(body, served_model)
+    tokens = _get(body, "tokens", "array")
+    if tokens is None:
+        raise ApiError(400, "'tokens' is required", param="tokens")
+    return _token_ids("tokens", tokens)
