@@ -27,8 +27,6 @@ import torch
 from services.kvstore.layout import KVChecksumError, StaleBlockError, close_pool, open_pool
 from services.kvstore.port import KVStoreError, KVStorePort
 from services.worker.handoff import VERIFY_MODES, DecodeClaim, PrefillLease
-
-KV_TRANSPORTS = ("auto", "shm", "cuda_ipc", "tcp")
 from shared import protocol as P
 from shared.buffers import dtypes
 from shared.engine.engine import LLMEngine
@@ -36,6 +34,8 @@ from shared.engine.kv_cache import StoreKVCache
 from shared.engine.leased_blocks import LeasedBlockManager
 from shared.engine.sampling_params import SamplingParams
 from shared.wire import logprobs_to_wire, params_from_spec
+
+KV_TRANSPORTS = ("auto", "shm", "cuda_ipc", "tcp")   # how hand-offs reach this worker
 
 log = logging.getLogger("duet.worker")
 STARTING_S_PER_TOKEN = 0.01   # until measured: a slow CPU's fp32 prefill rate

@@ -8,7 +8,9 @@ ended the request, or the request was aborted before decode claimed it).
 
 Decode side, DecodeClaim: claim the lease (it stops expiring), check the KVRef names this
 store and the lease's own blocks, copy them into the local paged cache under the
-generation fence (layout.check_generations before and after), release.
+generation fence (layout.check_generations before and after), release. A decode worker
+that cannot map the pool (another host, --kv-transport tcp) reads the blocks from the
+store as ZeroMQ frames instead (fetch_into).
 
 Integrity: prefill hashes every block it wrote (layout.block_checksums) once its step is
 done; the cached prefix's checksums come from the store, as their first writer committed
@@ -18,18 +20,17 @@ KVChecksumError naming the blocks: they are never decoded from.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
-import random
-
 from services.kvstore.layout import (KVChecksumError, StaleBlockError, block_checksums,
                                      check_generations, checksum_kind, verify_checksums)
-from services.kvstore.store import MAX_READ_BLOCKS
-from shared.buffers import tcp
 from services.kvstore.port import KVStorePort
+from services.kvstore.store import MAX_READ_BLOCKS
 from shared import protocol as P
+from shared.buffers import tcp
 from shared.engine.block_manager import blocks_for
 
 VERIFY_MODES = ("all", "sample", "off")   # which hand-off blocks a reader verifies
