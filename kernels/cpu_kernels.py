@@ -52,7 +52,7 @@ def load():
             from torch.utils.cpp_extension import load as build
             where = _build_dir()
             where.mkdir(parents=True, exist_ok=True)
-            _module = build(name="duet_cpu_kernels", sources=[str(s) for s in _SOURCES],
+            _module = build(name="duet_cpu_kernels", sources=_stable_sources(where),
                             # no FMA contraction: elementwise ops round where torch does
                             extra_cflags=["-O3", "-march=native", "-fopenmp",
                                           "-ffp-contract=off", "-fno-math-errno"],
@@ -62,6 +62,23 @@ def load():
             _failed = f"{type(e).__name__}: {e}"
             log.warning("CPU kernels unavailable, using the torch references: %s", _failed[:300])
         return _module
+
+
+def _stable_sources(where: Path) -> list[str]:
+    """The sources, copied into the build directory (named by their hash): torch rebuilds
+    when the source *paths* change, so two checkouts sharing $DUET_HOME would otherwise
+    rebuild each other's module, each waiting on the other's lock."""
+    src = where / "src"
+    src.mkdir(exist_ok=True)
+    out = []
+    for s in _SOURCES:
+        dst = src / s.name
+        if not dst.is_file() or dst.read_bytes() != s.read_bytes():
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+            tmp.write_bytes(s.read_bytes())
+            os.replace(tmp, dst)
+        out.append(str(dst))
+    return out
 
 
 def available() -> bool:

@@ -141,6 +141,8 @@ def chat(model_name, dtype, temperature, max_tokens, system):
               help="admin console port (0: no console)")
 @click.option("--supervisor-port", default=8002, show_default=True, type=int,
               help="the supervisor's Prometheus metrics: restarts per service (0: none)")
+@click.option("--kv-metrics-port", default=0, show_default=True, type=int,
+              help="the KV store's Prometheus metrics (blocks, prefix hits) on this port (0: none)")
 @click.option("--queue-timeout", "queue_timeout_s", default=30.0, show_default=True,
               type=float, help="seconds a request may wait for a worker before a 503")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -166,13 +168,14 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--log-dir", default=None, help="write each service's log here")
 @click.option("--log-level", default="WARNING", show_default=True)
 def up(model_name, prefill, decode, colocated, port, admin_port, supervisor_port,
-       queue_timeout_s, host, dtype, device, devices, kv_transport, kv_blocks, curve_dir, insecure, api_keys,
+       kv_metrics_port, queue_timeout_s, host, dtype, device, devices, kv_transport, kv_blocks, curve_dir, insecure, api_keys,
        max_concurrency_per_key, log_dir, log_level):
     """Start tokenizer, kvstore, workers and gateway as separate processes."""
     from tools.up import Mesh, run_up
     try:
         mesh = Mesh(model=model_name, prefill=prefill, decode=decode, colocated=colocated,
                     port=port, admin_port=admin_port, supervisor_port=supervisor_port,
+                    kv_metrics_port=kv_metrics_port,
                     queue_timeout_s=queue_timeout_s, host=host, dtype=dtype, device=device,
                     devices=devices, kv_transport=kv_transport, kv_blocks=kv_blocks, curve_dir=curve_dir, insecure=insecure,
                     api_keys=api_keys, max_concurrency_per_key=max_concurrency_per_key,

@@ -30,6 +30,7 @@ class Mesh:
     port: int = 8000
     admin_port: int = 8001               # the admin console; 0: none
     supervisor_port: int = 8002          # the supervisor's metrics (restarts); 0: none
+    kv_metrics_port: int = 0             # the KV store's Prometheus metrics; 0: none
     queue_timeout_s: float = 30.0        # how long a request may wait for a worker
     host: str = "127.0.0.1"
     dtype: str = "auto"
@@ -154,7 +155,9 @@ class Mesh:
         threads = str(self.worker_threads or max(1, (os.cpu_count() or 1) // workers))
         self._spawn("kvstore", "services.kvstore", "--bind", self.addr["kvstore"],
                     "--model", model_dir, "--dtype", dtype, "--num-blocks", str(self.kv_blocks),
-                    "--device", store_device, *curve)
+                    "--device", store_device,
+                    *(["--metrics-port", str(self.kv_metrics_port)] if self.kv_metrics_port else []),
+                    *curve)
         self._spawn("tokenizer", "services.tokenizer", "--bind", self.addr["tokenizer"],
                     "--model", model_dir, *curve)
         gw = ["--model", model_dir, "--served-model-name", os.path.basename(self.model.rstrip("/")),

@@ -1,6 +1,7 @@
 """Routing policy: which prefill worker, which decode worker. Pure: no sockets."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from shared.engine.block_hash import chain_hash
@@ -40,9 +41,12 @@ class Router:
     first block (its prefix is likelier warm in the store's index and caches).
     Decode: most free blocks, then smallest running batch."""
 
-    def __init__(self):
+    def __init__(self, affinity_max: int = 65536):
         self.workers: dict[bytes, WorkerInfo] = {}
-        self.affinity: dict[bytes, bytes] = {}   # first-block hash -> prefill worker
+        # first-block hash -> prefill worker, least recently used first; bounded, so that a
+        # gateway serving endless distinct prompts does not grow without end
+        self.affinity: OrderedDict[bytes, bytes] = OrderedDict()
+        self.affinity_max = affinity_max
 
     def candidates(self, roles: tuple[str, ...]) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.role in roles and not w.draining]
@@ -60,6 +64,9 @@ class Router:
             best = sticky
         if key:
             self.affinity[key] = best.identity
+            self.affinity.move_to_end(key)
+            if len(self.affinity) > self.affinity_max:
+                self.affinity.popitem(last=False)
         best.assigned_tokens += len(prompt_ids)
         return best
 

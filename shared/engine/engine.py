@@ -57,6 +57,11 @@ class LLMEngine:
                                     model.embed_tokens.weight.dtype, config.device)
         self.kv_cache = kv_cache
         pack_linears(model)   # bf16 on CPU: weights prepacked once (idempotent)
+        if model.embed_tokens.weight.device.type == "cpu":
+            # built (or loaded) now, not inside the first step: a fresh build takes a minute,
+            # which a worker's first step must not (the gateway would call it stuck)
+            from kernels import cpu_kernels
+            cpu_kernels.load()
         self.runner = build_runner(model, kv_cache, config, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()

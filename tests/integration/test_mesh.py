@@ -15,7 +15,7 @@ import torch
 import zmq
 
 from shared.engine.sampling_params import SamplingParams
-from tests.integration.mesh_util import get_json, kv_stats, start_mesh, wait_idle
+from tests.integration.mesh_util import free_port, get_json, kv_stats, start_mesh, wait_idle
 from tools.up import Mesh
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -24,7 +24,8 @@ PROMPT = "The three laws of robotics are"
 
 @pytest.fixture(scope="module")
 def disagg(smollm2_dir, tmp_path_factory):
-    mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("disagg-logs"), prefill=1, decode=1)
+    mesh = start_mesh(smollm2_dir, tmp_path_factory.mktemp("disagg-logs"), prefill=1, decode=1,
+                      kv_metrics_port=free_port())
     yield mesh
     mesh.stop()
 
@@ -241,6 +242,26 @@ def test_a_flipped_byte_in_the_store_is_caught_and_the_prompt_prefilled_again(di
     assert c.completions.create(model="smollm2", prompt=text, max_tokens=8,
                                 temperature=0).choices[0].text == want
     assert _metric(disagg, "duet_kv_checksum_failures_total") == before + 1
+    wait_idle(disagg)
+
+
+def test_every_metric_the_grafana_dashboard_queries_exists(disagg):
+    """deploy/grafana/duet-dashboard.json queries only metrics the mesh exports: the
+    gateway's /metrics, the store's --metrics-port and the supervisor's port."""
+    import json
+    import re
+    from pathlib import Path
+    dash = json.loads((Path(__file__).parents[2] / "deploy/grafana/duet-dashboard.json").read_text())
+    queried = {name for p in dash["panels"] for t in p["targets"]
+               for name in re.findall(r"\bduet_[a-z_]+", t["expr"])}
+    assert len(queried) >= 15
+    client(disagg).completions.create(model="smollm2", prompt=PROMPT, max_tokens=4, temperature=0)
+    exported = set()
+    for url in (disagg.url, f"http://127.0.0.1:{disagg.kv_metrics_port}", disagg.supervisor_url):
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            exported |= {line.split("{")[0].split(" ")[0] for line in r.read().decode().splitlines()
+                         if line.startswith("duet_")}
+    assert sorted(queried - exported) == []
     wait_idle(disagg)
 
 
