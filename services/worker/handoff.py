@@ -182,4 +182,4 @@ class DecodeClaim:
                         raise KVChecksumError(f"KV checksum mismatch after the tcp read: block "
                                               f"{ids[i]} does not hold what its writer committed",
                                               [ids[i]])
-                cache.load_from_store(block, [0], [dst_blocks[j]])
+                cache.load_block(block[0], dst_blocks[j])

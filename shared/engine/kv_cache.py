@@ -31,6 +31,12 @@ class LocalKVCache:
             unpack_kv_ref(pool, self.tensor, src_blocks, dst_blocks)
 
 
+    def load_block(self, block: torch.Tensor, dst: int) -> None:
+        """Copy one store block [L, 2, bs, H, D] (a frame received over tcp) into our block
+        dst: one strided copy, across devices if need be."""
+        self.tensor[:, :, dst].copy_(block)
+
+
 class StoreKVCache:
     """The KV-store pool [num_blocks, L, 2, block_size, Hkv, D] used in place: one block
     holds every layer, so per-layer views are strided, which the torch attention handles."""
