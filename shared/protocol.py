@@ -121,6 +121,7 @@ class Heartbeat(Msg, tag="hb"):
     decode_steps: NonNeg = 0
     busy_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0      # the running step so far; 0: idle
     expected_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # what that step should take
+    ranks_alive: list[bool] = []   # a TP/PP group: each rank's process alive (rank 0 first)
 
 
 class Ping(Msg, tag="ping"):

@@ -157,6 +157,16 @@ def chat(model_name, dtype, temperature, max_tokens, system):
               type=click.Choice(["auto", "shm", "cuda_ipc", "tcp"]),
               help="how decode workers take hand-offs: map the store's pool, or read blocks "
                    "over the wire (tcp, as a decode worker on another host does)")
+@click.option("--prefill-tp", default=1, show_default=True, type=int,
+              help="tensor-parallel ranks of each prefill worker")
+@click.option("--prefill-pp", default=1, show_default=True, type=int,
+              help="pipeline stages of each prefill worker")
+@click.option("--decode-tp", default=1, show_default=True, type=int,
+              help="tensor-parallel ranks of each decode worker")
+@click.option("--decode-pp", default=1, show_default=True, type=int,
+              help="pipeline stages of each decode worker")
+@click.option("--tp", default=None, type=int, help="with --colocated: the worker's TP ranks")
+@click.option("--pp", default=None, type=int, help="with --colocated: the worker's PP stages")
 @click.option("--kv-blocks", default=2048, show_default=True, type=int, help="KV-store pool blocks")
 @click.option("--curve-dir", default=None,
               help="CURVE keys to authenticate the mesh with (default: fresh keys per run)")
@@ -168,16 +178,24 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--log-dir", default=None, help="write each service's log here")
 @click.option("--log-level", default="WARNING", show_default=True)
 def up(model_name, prefill, decode, colocated, port, admin_port, supervisor_port,
-       kv_metrics_port, queue_timeout_s, host, dtype, device, devices, kv_transport, kv_blocks, curve_dir, insecure, api_keys,
-       max_concurrency_per_key, log_dir, log_level):
+       kv_metrics_port, queue_timeout_s, host, dtype, device, devices, kv_transport,
+       prefill_tp, prefill_pp, decode_tp, decode_pp, tp, pp, kv_blocks, curve_dir, insecure,
+       api_keys, max_concurrency_per_key, log_dir, log_level):
     """Start tokenizer, kvstore, workers and gateway as separate processes."""
     from tools.up import Mesh, run_up
+    if (tp or pp) and not colocated:
+        raise click.UsageError("--tp/--pp shape the --colocated worker; disaggregated, use "
+                               "--prefill-tp/--prefill-pp and --decode-tp/--decode-pp")
+    if colocated:
+        decode_tp, decode_pp = tp or 1, pp or 1
     try:
         mesh = Mesh(model=model_name, prefill=prefill, decode=decode, colocated=colocated,
                     port=port, admin_port=admin_port, supervisor_port=supervisor_port,
                     kv_metrics_port=kv_metrics_port,
                     queue_timeout_s=queue_timeout_s, host=host, dtype=dtype, device=device,
-                    devices=devices, kv_transport=kv_transport, kv_blocks=kv_blocks, curve_dir=curve_dir, insecure=insecure,
+                    devices=devices, kv_transport=kv_transport, prefill_tp=prefill_tp,
+                    prefill_pp=prefill_pp, decode_tp=decode_tp, decode_pp=decode_pp,
+                    kv_blocks=kv_blocks, curve_dir=curve_dir, insecure=insecure,
                     api_keys=api_keys, max_concurrency_per_key=max_concurrency_per_key,
                     log_dir=log_dir, log_level=log_level)
     except ValueError as e:

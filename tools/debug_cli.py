@@ -291,9 +291,14 @@ def status(url, kvstore_addr, tokenizer_addr, curve_dir, insecure, timeout_s, as
         click.echo(f"gateway {src.gateway_url}: {'ready' if gw.get('ok') else 'NOT READY'}, "
                    f"{gw.get('mode', '-')}, {gw.get('inflight', 0)} in flight")
         for w in gw.get("workers", []):
-            click.echo(f"  {w['worker_id']:<12} {w['role']:<8} {'draining' if w['draining'] else 'serving':<9}"
+            alive = w.get("ranks_alive") or []
+            ranks = (f" ranks {''.join('+' if a else 'x' for a in alive)}"
+                     if len(alive) > 1 else "")
+            shape = f"TP{w.get('tp', 1)}xPP{w.get('pp', 1)}"
+            click.echo(f"  {w['worker_id']:<12} {w['role']:<8} {shape:<9} "
+                       f"{'draining' if w['draining'] else 'serving':<9}"
                        f" running {w['running']:<3} waiting {w['waiting']:<3} "
-                       f"blocks free {w['free_blocks']}/{w['total_blocks']}")
+                       f"blocks free {w['free_blocks']}/{w['total_blocks']}{ranks}")
     kvs = snap.get("kvstore")
     if kvs is not None:
         if "error" in kvs:

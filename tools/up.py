@@ -43,6 +43,10 @@ class Mesh:
     worker_threads: int | None = None    # torch threads per worker (None: the cores / workers)
     worker_args: tuple = ()              # more flags for every worker (--enforce-eager, ...)
     kv_transport: str = "auto"           # how decode workers take hand-offs: auto, shm, tcp
+    prefill_tp: int = 1                  # each prefill worker: a TP x PP group of processes
+    prefill_pp: int = 1
+    decode_tp: int = 1                   # each decode (or --colocated) worker's group shape
+    decode_pp: int = 1
     curve_dir: str | None = None         # None: fresh keys in the run dir, unless insecure
     insecure: bool = False               # no CURVE at all (any local process may join)
     api_keys: str | None = None
@@ -61,6 +65,10 @@ class Mesh:
         if not self.colocated and (self.prefill < 1 or self.decode < 1):
             raise ValueError("disaggregated mode needs --prefill >= 1 and --decode >= 1 "
                              "(or use --colocated)")
+        for name in ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp"):
+            if not 1 <= getattr(self, name) <= 64:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be in "
+                                 f"[1, 64]")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"--port {self.port} must be in [1, 65535]")
         if not 0 <= self.admin_port <= 65535 or self.admin_port == self.port:
@@ -89,6 +97,18 @@ class Mesh:
         self.run_dir = tempfile.mkdtemp(prefix="duet-run-")
         self.addr = {name: f"ipc://{self.run_dir}/{name}.sock"
                      for name in ("gateway", "kvstore", "tokenizer")}
+
+    def shape(self, role: str) -> tuple[int, int]:
+        """(tp, pp) of a worker in this role."""
+        if role == "prefill":
+            return self.prefill_tp, self.prefill_pp
+        return self.decode_tp, self.decode_pp
+
+    @property
+    def ranks(self) -> int:
+        """Model processes in all: every worker's group, rank by rank."""
+        return (self.prefill * self.prefill_tp * self.prefill_pp
+                + self.decode * self.decode_tp * self.decode_pp)
 
     @property
     def url(self) -> str:
@@ -148,7 +168,7 @@ class Mesh:
         curve = ["--curve-dir", self.curve_dir] if self.curve_dir else []
         if self.supervisor_port:
             self.supervisor.serve_metrics(self.supervisor_port)
-        workers = self.prefill + self.decode
+        workers = self.ranks   # each rank of a TP/PP group is a process of its own
         # the cores shared by the workers: the small services take ~10% of a core at 16
         # streams (measured), and a worker on both cores of this 2-core machine decodes
         # 16 streams 25% faster than on one
@@ -190,9 +210,11 @@ class Mesh:
                 device = gpus[placed % len(gpus)] if self.device == "cuda" else "cpu"
                 placed += 1
                 transport = self.kv_transport if role == "decode" else "auto"
+                tp, pp = self.shape(role)
                 self._spawn(f"{role}-{i}", "services.worker", "--role", role,
                             "--worker-id", f"{role}-{i}", "--device", device,
-                            "--kv-transport", transport, *common)
+                            "--kv-transport", transport, "--tp", str(tp), "--pp", str(pp),
+                            *common)
 
     def wait_ready(self, timeout_s: float = 300) -> dict:
         import json

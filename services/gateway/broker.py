@@ -312,14 +312,15 @@ class Broker:
         self._registrations += 1
         w = self.router.workers[ident] = WorkerInfo(
             ident, m.worker_id, m.role, m.total_blocks, m.free_blocks, m.block_size,
-            max_seqs=m.max_seqs,
+            max_seqs=m.max_seqs, tp=m.tp, pp=m.pp,
             incarnation=m.incarnation or f"{m.worker_id}#{self._registrations}")
         if m.worker_id in self.drained:   # drained before it registered again: still drained
             w.draining = True
             self._send(ident, P.Drain(enable=True))
         self.peers.seen(ident)
         self._told.pop(ident, None)
-        log.info("worker %s registered: role=%s blocks=%d", m.worker_id, m.role, m.total_blocks)
+        log.info("worker %s registered: role=%s blocks=%d tp=%d pp=%d", m.worker_id, m.role,
+                 m.total_blocks, m.tp, m.pp)
         self._dispatch_queued()
         self._retry_handoffs()
 
@@ -342,6 +343,7 @@ class Broker:
         w.free_blocks, w.running = m.free_blocks, m.running
         w.waiting, w.queued_tokens, w.assigned_tokens = m.waiting, m.queued_tokens, 0
         w.prefill_steps, w.decode_steps = m.prefill_steps, m.decode_steps
+        w.ranks_alive = m.ranks_alive
         if m.busy_s > stuck_after_s(m.expected_s):
             # alive (it heart-beats) but its engine makes no progress: as good as dead
             self._worker_lost(w.identity, f"is stuck: a step has run {m.busy_s:.0f}s, "

@@ -26,6 +26,9 @@ class WorkerInfo:
     decode_steps: int = 0
     max_seqs: int = 64                               # sequences it runs at once
     incarnation: str = ""                            # its process's (a restart has another)
+    tp: int = 1                                      # its group's shape
+    pp: int = 1
+    ranks_alive: list = field(default_factory=list)  # per rank, from its heartbeats
 
     def as_dict(self) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "free_blocks": self.free_blocks,
@@ -33,7 +36,8 @@ class WorkerInfo:
                 "waiting": self.waiting, "queued_tokens": self.queued_tokens,
                 "inflight": len(self.inflight), "draining": self.draining,
                 "prefill_steps": self.prefill_steps, "decode_steps": self.decode_steps,
-                "incarnation": self.incarnation}
+                "incarnation": self.incarnation, "tp": self.tp, "pp": self.pp,
+                "ranks_alive": list(self.ranks_alive) or [True] * (self.tp * self.pp)}
 
 
 class Router:

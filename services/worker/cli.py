@@ -43,12 +43,18 @@ def worker_command(default_role: str):
                   help="how hand-offs reach this worker: map the store's pool (shm, cuda_ipc; "
                        "auto picks it where it can) or read blocks over the wire (tcp: a "
                        "store on another host; decode only)")
+    @click.option("--tp", default=1, show_default=True, type=int,
+                  help="tensor-parallel ranks per pipeline stage (this host spawns the group's "
+                       "other ranks; under torchrun they are started for it)")
+    @click.option("--pp", default=1, show_default=True, type=int, help="pipeline stages")
+    @click.option("--group-timeout", "group_timeout_s", default=20.0, show_default=True,
+                  type=float, help="seconds a collective may wait before the group is failed")
     @click.option("--curve-dir", default=None)
     @click.option("--log-level", default="INFO", show_default=True)
     def cmd(role, model, dtype, device, gateway_addr, kvstore_addr, worker_id, num_kv_blocks,
             max_num_seqs, max_num_batched_tokens, threads, attention_backend, enforce_eager,
-            cuda_graph_max_batch, cuda_graph_max_tokens, heartbeat_s, kv_verify, kv_transport, curve_dir,
-            log_level):
+            cuda_graph_max_batch, cuda_graph_max_tokens, heartbeat_s, kv_verify, kv_transport, tp, pp, group_timeout_s,
+            curve_dir, log_level):
         logging.basicConfig(level=log_level, format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
         try:
             eng = EngineConfig(model=model, dtype=dtype, device=device, num_kv_blocks=num_kv_blocks,
@@ -60,11 +66,17 @@ def worker_command(default_role: str):
             kw = {"worker_id": worker_id} if worker_id else {}
             cfg = WorkerConfig(role=role, gateway_addr=gateway_addr, kvstore_addr=kvstore_addr or None,
                                engine=eng, heartbeat_s=heartbeat_s, curve_dir=curve_dir,
-                               kv_verify=kv_verify, kv_transport=kv_transport, **kw)
+                               kv_verify=kv_verify, kv_transport=kv_transport, tp=tp, pp=pp,
+                               group_timeout_s=group_timeout_s, **kw)
         except ValueError as e:
             raise click.BadParameter(str(e))
         from services.worker.worker import Worker
-        w = Worker(cfg)
+        from shared.parallel.group import GroupError
+        try:
+            w = Worker(cfg)
+        except (ValueError, GroupError) as e:   # a shape the model cannot take, a pool it
+            # cannot use, a rank that cannot reach the group
+            raise click.ClickException(str(e))
         w.install_signal_handlers()
         w.run()
     return cmd

@@ -24,6 +24,10 @@ class WorkerConfig:
     startup_timeout_s: float = 120.0     # how long to wait for the store at start
     kv_verify: str = "all"               # hand-off checksums to verify: all | sample | off
     kv_transport: str = "auto"           # auto | shm | cuda_ipc | tcp (reads over the wire)
+    tp: int = 1                          # tensor-parallel ranks per pipeline stage
+    pp: int = 1                          # pipeline stages
+    group_timeout_s: float = 20.0        # a collective waiting longer: the group has failed
+    group_connect_timeout_s: float = 30.0   # how long a rank waits to reach MASTER_ADDR
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -32,5 +36,11 @@ class WorkerConfig:
             raise ValueError("role=prefill needs --kvstore-addr (prefill writes into the store)")
         if not 0.01 <= self.heartbeat_s <= 60:
             raise ValueError(f"heartbeat_s={self.heartbeat_s} must be in [0.01, 60]")
+        for name in ("tp", "pp"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and 1 <= v <= 64):
+                raise ValueError(f"{name}={v!r} must be an integer in [1, 64]")
+        if not 1 <= self.group_timeout_s <= 600:
+            raise ValueError(f"group_timeout_s={self.group_timeout_s} must be in [1, 600]")
         if not 1 <= self.liveness <= 100:
             raise ValueError(f"liveness={self.liveness} must be in [1, 100]")

@@ -103,17 +103,20 @@ class WorkerCore:
         take hand-offs over the wire and prefill nothing."""
         info = info or store.pool_info()
         mc, eng = self.decode.model.config, self.decode
-        here = eng.model.embed_tokens.weight.device
+        here = eng.model.device
         want = (mc.num_layers, mc.num_kv_heads, mc.head_dim, eng.config.block_size)
         have = (info.num_layers, info.num_kv_heads, info.head_dim, info.block_size)
         if want != have:
+            tp, pp = self.shape
+            group = f" (a TP={tp} x PP={pp} group reads its ranks' slices of the whole " \
+                    f"model's blocks)" if tp * pp > 1 else ""
             raise ValueError(f"KV-store pool (layers, kv heads, head dim, block size)={have} "
-                             f"does not fit this model {want}")
+                             f"does not fit this model {want}{group}")
         backend = info.handle.backend
         if self.kv_transport not in ("auto", "tcp", backend):
             raise ValueError(f"--kv-transport {self.kv_transport} cannot reach a pool in "
                              f"{backend} (use auto, tcp or {backend})")
-        dtype = eng.model.embed_tokens.weight.dtype
+        dtype = eng.model.dtype
         if dtypes.to_torch(info.dtype) != dtype:
             raise ValueError(f"KV-store pool dtype {info.dtype} differs from the model's {dtype}: "
                              f"start both with one --dtype")
@@ -131,15 +134,26 @@ class WorkerCore:
                 if self.kv_transport != "auto":
                     raise
                 log.warning("cannot map the store's pool (%s): KV hand-offs over tcp", e)
+        group = eng.group
+        if pool is None and group is not None:
+            tp, pp = group.shape
+            raise ValueError(f"a TP={tp} x PP={pp} group takes KV hand-offs only through the "
+                             f"store's mapped pool ({backend}), where each rank reads its own "
+                             f"slice; this pool cannot be mapped here (--kv-transport "
+                             f"{self.kv_transport})")
         if pool is None:   # over the wire: decode only
             self.store, self.pool_info, self.pool, self.generations = store, info, None, None
             self.transport, self.prefill = "tcp", None
             return
         self.transport = backend
         self.store, self.pool_info, self.pool, self.generations = store, info, pool, generations
+        if group is None:
+            cache, runner = StoreKVCache(pool), None
+        else:   # every rank maps the pool and writes its own (layers, heads) slice
+            cache, runner = group.attach_pool(info, pool), group.runner("prefill")
         self.prefill = LLMEngine(eng.model, eng.config, tuple(eng.eos_token_ids), eng.tokenizer,
                                  block_manager=LeasedBlockManager(info.num_blocks, info.block_size),
-                                 kv_cache=StoreKVCache(pool))
+                                 kv_cache=cache, runner=runner)
 
     def _same_epoch(self, pool_name: str) -> list[P.Msg] | None:
         """The store's pool is `pool_name` now: re-attach if the store came back with a
@@ -426,7 +440,18 @@ class WorkerCore:
                           total_blocks=eng.block_manager.num_blocks,
                           free_blocks=eng.block_manager.num_free_blocks,
                           block_size=eng.config.block_size, max_seqs=eng.config.max_num_seqs,
-                          incarnation=self.incarnation)
+                          incarnation=self.incarnation, tp=self.shape[0], pp=self.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(tp, pp) of this worker's group; (1, 1) for one process."""
+        return self.decode.group.shape if self.decode.group is not None else (1, 1)
+
+    def tick(self) -> None:
+        """Between steps: a group checks its ranks and keeps idle followers' waits short
+        (GroupError when a rank is gone: the worker then exits as a whole)."""
+        if self.decode.group is not None:
+            self.decode.group.tick()
 
     def heartbeat(self) -> P.Heartbeat:
         s = self.decode.scheduler
@@ -435,14 +460,17 @@ class WorkerCore:
                            free_blocks=self.decode.block_manager.num_free_blocks,
                            running=len(s.running), waiting=len(s.waiting), queued_tokens=queued,
                            prefill_steps=self.prefill.stats.steps if self.prefill else 0,
-                           decode_steps=self.decode.stats.steps)
+                           decode_steps=self.decode.stats.steps,
+                           ranks_alive=([r["alive"] for r in self.decode.group.rank_health()]
+                                        if self.decode.group else []))
 
     def status(self) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "draining": self.draining,
                 "decode": self.decode.idle_counts(), "prefill_jobs": len(self.prefill_jobs),
                 "decode_jobs": len(self.decode_jobs), "kv_verify": self.kv_verify,
                 "kv_checksum_failures": self.checksum_failures,
-                "kv_transport": self.transport}
+                "kv_transport": self.transport, "tp": self.shape[0], "pp": self.shape[1],
+                "ranks": self.decode.group.rank_health() if self.decode.group else []}
 
     def progress(self, now: float) -> tuple[float, float]:
         """(busy_s, expected_s) of the running step, (0, 0) between steps; safe to call

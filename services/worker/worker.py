@@ -56,6 +56,33 @@ def _wait_for(store, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def build_group(config: WorkerConfig) -> LLMEngine:
+    """The leader's engine of a TP x PP group: check the shape against the model, start
+    the other ranks on this host (unless torchrun started them), join them."""
+    from shared.models.config import ModelConfig
+    from shared.models.hub import resolve_model
+    from shared.parallel.launch import spawn_followers
+    from shared.parallel.runner import build_group_engine
+    from shared.parallel.shape import check_shape
+    check_shape(ModelConfig.from_dir(resolve_model(config.engine.model)), config.tp, config.pp)
+    procs = []
+    if "RANK" not in os.environ:
+        procs = spawn_followers(config.engine, config.tp, config.pp, config.group_timeout_s,
+                                config.group_connect_timeout_s,
+                                log_level=logging.getLevelName(log.getEffectiveLevel()))
+    elif os.environ["RANK"] != "0":
+        raise ValueError(f"RANK={os.environ['RANK']}: only rank 0 runs the worker; other "
+                         f"ranks run `python -m shared.parallel`")
+    try:
+        return build_group_engine(config.engine, config.tp, config.pp, procs,
+                                  config.group_timeout_s, config.group_connect_timeout_s)
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None):
         self.cfg = config
@@ -68,9 +95,17 @@ class Worker:
             store = KVStoreClient(self.ctx, config.kvstore_addr, f"{config.worker_id}-kv",
                                   curve=self.curve, timeout_s=STORE_TIMEOUT_S)
             _wait_for(store, config.startup_timeout_s)
-        self.core = WorkerCore(config.worker_id, config.role,
-                               engine or LLMEngine.from_config(config.engine), store,
-                               kv_verify=config.kv_verify, kv_transport=config.kv_transport)
+        if engine is None:
+            engine = (build_group(config) if config.tp * config.pp > 1
+                      else LLMEngine.from_config(config.engine))
+        self.group = engine.group      # the GroupLeader of a TP/PP group, else None
+        try:
+            self.core = WorkerCore(config.worker_id, config.role, engine, store,
+                                   kv_verify=config.kv_verify, kv_transport=config.kv_transport)
+        except BaseException:
+            if self.group is not None:
+                self.group.stop("the worker could not start")
+            raise
         self.devices = [config.engine.device]
         self.inbox: queue.Queue = queue.Queue()       # gateway messages for the engine thread
         self.stop_event = threading.Event()
@@ -100,6 +135,7 @@ class Worker:
                         msgs += self.core.handle(item)
                 if self.core.has_work():
                     msgs += self.core.step()
+                self.core.tick()
                 for m in msgs:
                     out.send_multipart(P.encode(m), copy=False)
                 self._publish()
@@ -108,6 +144,8 @@ class Worker:
             self.stop_event.set()
         finally:
             self.core.abort_all("shutdown")
+            if self.group is not None:
+                self.group.stop("the worker is stopping")
             out.close(linger=200)
 
     def _take_inbox(self, block: bool) -> list:

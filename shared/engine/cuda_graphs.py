@@ -202,7 +202,7 @@ class CudaGraphRunner(ModelRunner):
                 self.prefill_host = PrefillBuffers.allocate(t, s, self.table_width, "cpu", pin=on_cuda)
                 self.prefill_static = PrefillBuffers.allocate(t, s, self.table_width, device)
                 self.hidden = torch.zeros(t, model.config.hidden_size, device=device,
-                                          dtype=model.embed_tokens.weight.dtype)
+                                          dtype=model.dtype)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0

@@ -36,9 +36,10 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig,
                  eos_token_ids: tuple[int, ...] = (), tokenizer=None,
-                 block_manager=None, kv_cache=None):
+                 block_manager=None, kv_cache=None, runner=None):
         """By default the engine owns its blocks and cache; a prefill worker passes the
-        KV-store's pool (StoreKVCache) and a LeasedBlockManager instead."""
+        KV-store's pool (StoreKVCache) and a LeasedBlockManager instead; the leader of a
+        TP/PP group passes its runner (shared/parallel/runner.py), which steps every rank."""
         if config.device == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
         self.config = config
@@ -54,15 +55,16 @@ class LLMEngine:
                                    config.max_num_batched_tokens)
         if kv_cache is None:
             kv_cache = LocalKVCache(mc, config.num_kv_blocks, config.block_size,
-                                    model.embed_tokens.weight.dtype, config.device)
+                                    model.dtype, config.device)
         self.kv_cache = kv_cache
         pack_linears(model)   # bf16 on CPU: weights prepacked once (idempotent)
-        if model.embed_tokens.weight.device.type == "cpu":
+        if model.device.type == "cpu":
             # built (or loaded) now, not inside the first step: a fresh build takes a minute,
             # which a worker's first step must not (the gateway would call it stuck)
             from kernels import cpu_kernels
             cpu_kernels.load()
-        self.runner = build_runner(model, kv_cache, config, self.max_model_len)
+        self.runner = runner or build_runner(model, kv_cache, config, self.max_model_len)
+        self.group = getattr(runner, "leader", None)   # the GroupLeader of a TP/PP group
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
 

@@ -32,7 +32,7 @@ class PackedLinear(nn.Module):
 
 def can_pack(model: nn.Module) -> bool:
     from shared.config import cpu_has_fast_bf16
-    w = model.embed_tokens.weight
+    w = next(model.parameters())   # whole or sharded model: all weights share device and dtype
     return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and cpu_has_fast_bf16()
             and torch.backends.mkldnn.is_available())
 
@@ -48,7 +48,7 @@ def pack_linears(model: nn.Module) -> int:
             if type(child) is nn.Linear:
                 setattr(parent, name, PackedLinear(child.weight, child.bias))
                 swapped += 1
-    if getattr(model, "lm_head", None) is None:   # tied: the embedding is the projection
+    if getattr(model, "lm_head", 0) is None:   # tied: the embedding is the projection
         model.lm_head = PackedLinear(model.embed_tokens.weight)
         swapped += 1
     return swapped

@@ -45,6 +45,7 @@ class Attention(nn.Module):
         qkv_out = (self.hq + 2 * self.hkv) * self.d
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+        self.reduce = None   # tensor parallel: sums the ranks' partial o_proj outputs in place
 
     def forward(self, x, cos, sin, layer: int, attn: PagedAttention):
         # x: [T, hidden]
@@ -52,8 +53,11 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = ops.rope(q.view(-1, self.hq, self.d), cos, sin)
         k = ops.rope(k.view(-1, self.hkv, self.d), cos, sin)
-        out = attn(layer, q, k, v.view(-1, self.hkv, self.d))
-        return self.o_proj(out.reshape(x.shape[0], self.hq * self.d))
+        out = self.o_proj(attn(layer, q, k, v.view(-1, self.hkv, self.d))
+                          .reshape(x.shape[0], self.hq * self.d))
+        if self.reduce is not None:
+            self.reduce(out)
+        return out
 
 
 class MLP(nn.Module):
@@ -62,9 +66,13 @@ class MLP(nn.Module):
         self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.reduce = None   # tensor parallel: sums the ranks' partial down_proj outputs
 
     def forward(self, x):
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        out = self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        if self.reduce is not None:
+            self.reduce(out)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -111,6 +119,14 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_sin", None, persistent=False)
         if not self.embed_tokens.weight.is_meta:  # the loader builds on meta, then calls it
             self.init_rope(self.embed_tokens.weight.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
 
     def init_rope(self, device) -> None:
         """(Re)build the fp32 cos/sin tables; kept fp32 whatever the weights' dtype."""

@@ -1,0 +1,296 @@
+"""Running one engine step across a TP/PP group.
+
+The leader (global rank 0) owns the engine: scheduler, block tables, sampler. For each step
+it broadcasts the packed inputs (a `Step` command); every rank runs its layers and heads
+over its own KV slice; stages pass activations on; the last stage gathers the vocabulary
+shards' logits and sends them to the leader, which samples. Block ids are the leader's:
+every rank's cache has the same blocks, each holding that rank's layers and heads.
+
+A decode hand-off is a `LoadKV`: each rank copies its own (layer range, head range) slice
+of the store's blocks into its cache; a prefill writes each rank's slice of the store's
+blocks in place. Either ends in a barrier, so the leader fences and commits only once
+every rank has copied or written.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import msgspec
+import torch
+
+from shared.config import EngineConfig
+from shared.engine.kv_cache import LocalKVCache, StoreKVCache
+from shared.engine.model_runner import ModelRunner, StepInputs, prepare_step
+from shared.parallel.group import AttachPool, Group, GroupError, LoadKV, Ping, Step, Stop
+from shared.parallel.shape import Shard
+from shared.parallel.sharded import ShardedLlama, load_sharded
+
+log = logging.getLogger("duet.parallel")
+KEEPALIVE_S = 1.0   # an idle leader pings this often: followers' waits stay inside the timeout
+
+
+def run_step(group: Group, model: ShardedLlama, runner: ModelRunner,
+             step: StepInputs) -> torch.Tensor | None:
+    """This rank's part of one step; the leader gets logits [N, vocab] fp32 (N: the
+    sequences due a token), every other rank None."""
+    sh, dev = group.shard, model.device
+    attn = runner.attention(step)
+    positions = torch.tensor(step.positions, device=dev)
+    with torch.inference_mode():
+        if sh.first_stage:
+            x, residual = model.embed(torch.tensor(step.token_ids, device=dev)), None
+        else:
+            x, residual = group.recv_activations(len(step.token_ids), model.config.hidden_size,
+                                                 model.dtype)
+        x, residual = model.run_layers(x, residual, positions, attn)
+        rows = step.last_rows
+        if not sh.last_stage:
+            group.send_activations(x, residual)
+            if sh.rank == 0 and rows:
+                return group.recv_logits(len(rows), model.config.vocab_size)
+            return None
+        if not rows:
+            return None
+        idx = torch.tensor(rows, device=dev)
+        hidden = model.final_norm(x[idx], residual[idx])
+        return group.gather_logits(model.logits_shard(hidden), model.config.vocab_size)
+
+
+def _step_command(engine: str, s: StepInputs) -> Step:
+    return Step(engine, s.token_ids, s.positions, s.q_lens, s.ctx_lens,
+                [list(t) for t in s.block_tables], s.last_rows)
+
+
+def _step_inputs(cmd: Step) -> StepInputs:
+    return StepInputs(cmd.token_ids, cmd.positions, cmd.q_lens, cmd.ctx_lens, cmd.block_tables,
+                      cmd.last_rows, [])
+
+
+class RankState:
+    """What every rank keeps: its model, its own paged cache, the store pool slice."""
+
+    def __init__(self, group: Group, model: ShardedLlama, config: EngineConfig):
+        self.group, self.model, self.config = group, model, config
+        sh = group.shard
+        l0, l1 = sh.layers
+        self.cache = LocalKVCache(model.local, config.num_kv_blocks, config.block_size,
+                                  model.dtype, config.device, num_layers=l1 - l0,
+                                  layer_offset=l0, head_offset=sh.kv_heads[0])
+        backend = config.resolved_attention_backend()
+        self.runners = {"decode": ModelRunner(model, self.cache, config.device, backend)}
+        self.pool_info = None
+        self.pool = self.generations = None
+
+    def attach(self, info, pool=None) -> StoreKVCache:
+        """Map the store's pool (the leader passes the one it mapped) and attend over this
+        rank's slice of it in prefill steps."""
+        from services.kvstore.layout import close_pool, open_pool
+        old = self.pool_info if pool is None else None
+        if pool is None:
+            pool, self.generations = open_pool(info)
+        self.pool_info, self.pool = info, pool
+        cache = StoreKVCache(pool, self.group.shard.kv_heads)
+        self.runners["prefill"] = ModelRunner(self.model, cache, self.config.device,
+                                              self.config.resolved_attention_backend())
+        if old is not None and old.handle.base != info.handle.base:
+            close_pool(old)
+        return cache
+
+    def load_kv(self, src: list[int], dst: list[int]) -> None:
+        self.cache.load_from_store(self.pool, src, dst)
+        if self.pool.is_cuda:
+            torch.cuda.current_stream(self.pool.device).synchronize()
+        self.group.barrier()
+
+    def step(self, engine: str, step: StepInputs) -> torch.Tensor | None:
+        logits = run_step(self.group, self.model, self.runners[engine], step)
+        if engine == "prefill":   # every rank's KV is in the store before the leader commits
+            if self.pool is not None and self.pool.is_cuda:
+                torch.cuda.current_stream(self.pool.device).synchronize()
+            self.group.barrier()
+        return logits
+
+
+class GroupRunner:
+    """The leader's runner for one engine (decode or prefill): the LLMEngine calls run()."""
+
+    def __init__(self, leader: "GroupLeader", engine: str):
+        self.leader, self.engine = leader, engine
+
+    def run(self, batch):
+        step = prepare_step(batch)
+        self.leader.group.send_command(_step_command(self.engine, step))
+        t0 = time.perf_counter()
+        logits = self.leader.rank.step(self.engine, step)
+        self.leader.step_s += time.perf_counter() - t0
+        if logits is None:
+            return torch.empty(0), []
+        return logits.cpu(), step.samplers
+
+
+class LeaderCache:
+    """The decode engine's cache as the leader sees it: its own slice, and hand-offs that
+    every rank copies (LoadKV) before the leader's fence."""
+
+    def __init__(self, leader: "GroupLeader"):
+        self.leader = leader
+        c = leader.rank.cache
+        self.num_blocks, self.block_size, self.tensor = c.num_blocks, c.block_size, c.tensor
+
+    def layer(self, layer: int):
+        return self.leader.rank.cache.layer(layer)
+
+    def load_from_store(self, pool, src_blocks: list[int], dst_blocks: list[int]) -> None:
+        src, dst = [int(b) for b in src_blocks], [int(b) for b in dst_blocks]
+        self.leader.group.send_command(LoadKV(src, dst))
+        self.leader.rank.load_kv(src, dst)
+
+    def load_block(self, block, dst: int) -> None:
+        raise ValueError("a TP/PP group takes KV hand-offs through the store's mapped pool "
+                         "(shm or cuda_ipc), not over tcp")
+
+
+class GroupLeader:
+    """Global rank 0: the only ZeroMQ face of the group; drives the followers."""
+
+    def __init__(self, rank: RankState, procs: list | None = None):
+        self.rank, self.group = rank, rank.group
+        self.procs = procs or []      # follower processes this leader spawned (same host)
+        self.step_s = 0.0
+        self.stopped = self.failed = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.group.shard.tp, self.group.shard.pp
+
+    def runner(self, engine: str) -> GroupRunner:
+        return GroupRunner(self, engine)
+
+    def attach_pool(self, info, pool) -> StoreKVCache:
+        from shared import protocol as P
+        self.group.send_command(AttachPool(msgspec.msgpack.encode(info)))
+        del P
+        return self.rank.attach(info, pool)
+
+    def rank_health(self) -> list[dict]:
+        """Each rank: alive (its process runs; for ranks this leader did not spawn, as far
+        as the last collective showed)."""
+        out = [{"rank": 0, "alive": True, "pid": os.getpid()}]
+        for r, p in enumerate(self.procs, start=1):
+            code = p.poll() if p is not None else None
+            out.append({"rank": r, "alive": code is None, "pid": p.pid if p else None,
+                        **({"exit_code": code} if code is not None else {})})
+        return out
+
+    def tick(self) -> None:
+        """Between steps: a dead rank process fails the group now; an idle group is pinged
+        so that no follower's wait reaches the collective timeout."""
+        for r, p in enumerate(self.procs, start=1):
+            if p is not None and p.poll() is not None:
+                self.failed = True
+                raise GroupError(f"rank {r} (pid {p.pid}) of the TP={self.shape[0]} x "
+                                 f"PP={self.shape[1]} group exited with code {p.returncode}")
+        if time.monotonic() - self.group.last_command > KEEPALIVE_S:
+            self.group.send_command(Ping())
+
+    def stop(self, reason: str = "") -> None:
+        """Stop every rank: politely when the group is whole, by signal when a rank failed
+        (a collective with a dead peer could wait out the timeout)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if not self.failed and not self.group.failed:
+            try:
+                self.group.send_command(Stop(reason))
+            except GroupError as e:
+                log.warning("stopping the group: %s", e)
+        else:
+            for p in self.procs:
+                if p is not None and p.poll() is None:
+                    p.terminate()
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            if p is None:
+                continue
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except Exception:
+                p.kill()
+                p.wait()
+        self.group.close()
+
+
+def follow(rank: RankState) -> str:
+    """A follower's loop: apply the leader's commands until Stop (or the group fails:
+    GroupError). Returns the stop reason."""
+    from shared import protocol as P
+    group = rank.group
+    while True:
+        cmd = group.recv_command()
+        if isinstance(cmd, Step):
+            rank.step(cmd.engine, _step_inputs(cmd))
+        elif isinstance(cmd, LoadKV):
+            rank.load_kv(cmd.src, cmd.dst)
+        elif isinstance(cmd, AttachPool):
+            rank.attach(msgspec.msgpack.decode(cmd.info, type=P.KVPoolInfo))
+        elif isinstance(cmd, Stop):
+            return cmd.reason
+        # Ping: nothing to do; it kept our wait inside the timeout
+
+
+def group_threads(config: EngineConfig, world: int) -> int:
+    """Torch threads per rank: the configured count, else the cores split over the ranks."""
+    return config.threads or max(1, (os.cpu_count() or 1) // world)
+
+
+def build_rank(config: EngineConfig, tp: int, pp: int, rank: int, timeout_s: float = 20.0,
+               connect_timeout_s: float = 30.0) -> RankState:
+    """Join the group (environment: MASTER_ADDR/PORT) and load this rank's shard."""
+    from shared.models.config import ModelConfig
+    from shared.models.hub import resolve_model
+    path = resolve_model(config.model)
+    cfg = ModelConfig.from_dir(path)
+    shard = Shard.of(cfg, tp, pp, rank)
+    if config.device == "cpu":
+        torch.set_num_threads(group_threads(config, tp * pp))
+    group = Group(shard, config.device, timeout_s, connect_timeout_s)
+    try:
+        model = load_sharded(path, shard, config.resolved_dtype(), config.device,
+                             max_positions=config.max_model_len)
+        model.set_reduce(group.all_reduce if tp > 1 else None)
+        from shared.engine.packed_linear import pack_linears
+        pack_linears(model)
+        if config.device == "cpu":
+            from kernels import cpu_kernels
+            cpu_kernels.load()
+        log.info("%s of tp=%d pp=%d ready", shard.describe(), tp, pp)
+        return RankState(group, model, config)
+    except BaseException:
+        group.close()
+        raise
+
+
+def build_group_engine(config: EngineConfig, tp: int, pp: int, procs: list | None = None,
+                       timeout_s: float = 20.0, connect_timeout_s: float = 30.0):
+    """The leader's LLMEngine over a group (this process is rank 0)."""
+    import dataclasses
+
+    from shared.engine.engine import LLMEngine
+    from shared.models.hub import resolve_model
+    from shared.models.loader import generation_eos_ids
+    from shared.tokenization import Tokenizer
+    if config.device.startswith("cuda"):
+        config = dataclasses.replace(config, enforce_eager=True)   # no CUDA graphs in groups yet
+    rank = build_rank(config, tp, pp, 0, timeout_s, connect_timeout_s)
+    leader = GroupLeader(rank, procs)
+    path = resolve_model(config.model)
+    tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    eos = generation_eos_ids(path, rank.model.config)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos = tuple(sorted(set(eos) | {tokenizer.eos_token_id}))
+    engine = LLMEngine(rank.model, dataclasses.replace(config, threads=group_threads(config, tp * pp)),
+                       eos, tokenizer, kv_cache=LeaderCache(leader),
+                       runner=leader.runner("decode"))
+    return engine
