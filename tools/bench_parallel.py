@@ -35,7 +35,8 @@ def group_run(model: str, *args: str) -> dict:
 def engine_rows(model: str, prompt: list[int], streams: int, max_tokens: int) -> list[dict]:
     rows = []
     for label, shape in (("TP=1", ["--plain"]), ("TP=3", ["--tp", "3"]),
-                         ("PP=2", ["--pp", "2"])):
+                         ("PP=2 (1 micro-batch)", ["--pp", "2", "--micro-batches", "1"]),
+                         ("PP=2 (2 micro-batches)", ["--pp", "2", "--micro-batches", "2"])):
         r = group_run(model, *shape, "--dtype", "auto", "--prompts",
                       json.dumps([prompt] * streams), "--max-tokens", str(max_tokens),
                       "--max-num-batched-tokens", "2048", "--num-kv-blocks", "512")
@@ -49,7 +50,7 @@ def engine_rows(model: str, prompt: list[int], streams: int, max_tokens: int) ->
             "step_ms": round(1000 * r["generate_s"] / steps, 2),
             "all_reduce_ms_per_step": round(1000 * comm.get("all_reduce", {}).get("s", 0) / steps, 2),
             "all_reduce_calls_per_step": round(comm.get("all_reduce", {}).get("calls", 0) / steps, 1),
-            "send_recv_ms_per_step": round(1000 * (comm.get("send", {}).get("s", 0)
+            "send_recv_ms_per_step": round(1000 * (comm.get("isend", {}).get("s", 0) + comm.get("wait", {}).get("s", 0)
                                                   + comm.get("recv", {}).get("s", 0)) / steps, 2),
             "broadcast_ms_per_step": round(1000 * comm.get("broadcast", {}).get("s", 0) / steps, 2),
             "rss_mb": [round(x) for x in r["rss_mb"]]})
@@ -115,16 +116,17 @@ def main(model, out, max_tokens, requests_n):
     from shared.tokenization import Tokenizer
     path = str(resolve_model(model))
     tok = Tokenizer(path)
-    prompt = tok.apply_chat_template([{"role": "user", "content":
-                                       "Write a short story about a lighthouse keeper."}])
+    prompt = tok.apply_chat_template([{"role": "user", "content": (
+        "Summarize the history of the printing press in Europe, its spread, and the changes "
+        "it brought. ") * 8}])
     t0 = time.time()
     result = {"cores": os.cpu_count(), "prompt_tokens": len(prompt), "max_tokens": max_tokens,
               "engine": engine_rows(path, prompt, 1, max_tokens) + engine_rows(path, prompt, 8, max_tokens),
               "handoff": handoff_rows(path, requests_n)}
     result["seconds"] = round(time.time() - t0)
-    print("\nshape  streams  TTFT ms  decode tok/s  step ms  all-reduce ms/step  send+recv ms/step")
+    print(f"\n{'shape':<22} streams  TTFT ms  decode tok/s  step ms  all-reduce ms/step  send+recv ms/step")
     for r in result["engine"]:
-        print(f"{r['shape']:<6} {r['streams']:>7} {r['ttft_ms']:>8} {r['decode_tok_s']:>13} "
+        print(f"{r['shape']:<22} {r['streams']:>7} {r['ttft_ms']:>8} {r['decode_tok_s']:>13} "
               f"{r['step_ms']:>8} {r['all_reduce_ms_per_step']:>19} {r['send_recv_ms_per_step']:>18}")
     print("\nprefill -> decode   TTFT ms  KV hand-off ms  share of TTFT")
     for r in result["handoff"]:

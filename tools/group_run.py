@@ -37,9 +37,12 @@ def rss_mb(pid: int) -> float:
 @click.option("--num-kv-blocks", default=256, type=int)
 @click.option("--threads", default=None, type=int)
 @click.option("--logits-out", default=None, help="torch.save every step's logits here")
+@click.option("--micro-batches", default=2, type=int, help="per step, with PP > 1")
+@click.option("--micro-batch-min-tokens", default=None, type=int,
+              help="smallest step split into micro-batches (default: the runner's)")
 @click.option("--stagger", is_flag=True, help="add the prompts one step apart (mixed batches)")
 def main(model, tp, pp, plain, dtype, prompts_json, max_tokens, max_num_batched_tokens,
-         num_kv_blocks, threads, logits_out, stagger):
+         num_kv_blocks, threads, logits_out, micro_batches, micro_batch_min_tokens, stagger):
     import torch
 
     from shared.config import EngineConfig
@@ -55,10 +58,12 @@ def main(model, tp, pp, plain, dtype, prompts_json, max_tokens, max_num_batched_
     if plain:
         from shared.models.hub import resolve_model
         from shared.models.loader import load_model
-        eng = LLMEngine(load_model(resolve_model(model), dtype, max_positions=None), cfg)
+        eng = LLMEngine(load_model(resolve_model(model), cfg.resolved_dtype()), cfg)
     else:
         procs = spawn_followers(cfg, tp, pp, log_level="WARNING")
-        eng = build_group_engine(cfg, tp, pp, procs)
+        eng = build_group_engine(cfg, tp, pp, procs, micro_batches=micro_batches)
+        if micro_batch_min_tokens is not None:
+            eng.group.micro_batch_min_tokens = micro_batch_min_tokens
     load_s = time.perf_counter() - t0
     rss = [rss_mb(os.getpid())] + [rss_mb(p.pid) for p in procs]
     recorded = []

@@ -39,6 +39,7 @@ class Step(msgspec.Struct, tag="step", array_like=True):
     ctx_lens: list[int]
     block_tables: list[list[int]]
     last_rows: list[int]
+    micro_batches: int = 1          # pipeline micro-batches (see runner.split_step)
 
 
 class LoadKV(msgspec.Struct, tag="load", array_like=True):
@@ -140,10 +141,11 @@ class Group:
         self._collective(dist.all_reduce, wide, group=self.tp_group)
         t.copy_(wide)
 
-    def send_activations(self, x: torch.Tensor, residual: torch.Tensor) -> None:
+    def send_activations(self, x: torch.Tensor, residual: torch.Tensor):
+        """Start sending (x, residual) to the next stage; returns the work to wait on."""
         peer = self.shard.peer(self.shard.stage + 1)
-        both = torch.stack([x, residual])
-        self._collective(dist.send, both.contiguous(), dst=peer, group=self.tensor_group)
+        both = torch.stack([x, residual]).contiguous()
+        return self._collective(dist.isend, both, dst=peer, group=self.tensor_group), both
 
     def recv_activations(self, tokens: int, hidden: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         peer = self.shard.peer(self.shard.stage - 1)
@@ -151,9 +153,14 @@ class Group:
         self._collective(dist.recv, both, src=peer, group=self.tensor_group)
         return both[0], both[1]
 
-    def gather_logits(self, part: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    def wait(self, pending) -> None:
+        work, _tensor = pending   # the tensor stays referenced until its send is done
+        self._collective(work.wait)
+
+    def gather_logits(self, part: torch.Tensor, vocab: int):
         """The last stage's vocabulary shards [N, vshard] -> full logits [N, vocab] on the
-        leader (None elsewhere)."""
+        leader. Elsewhere: None, or (with PP) the pending send of the logits to the leader,
+        from the last stage's first rank."""
         sh = self.shard
         first = sh.stage_ranks()[0]
         if sh.tp > 1:
@@ -162,16 +169,15 @@ class Group:
             full = torch.cat(parts, dim=1)[:, :vocab] if parts is not None else None
         else:
             full = part[:, :vocab]
-        if sh.pp == 1:
+        if sh.pp == 1 or full is None:
             return full
-        if sh.tp_rank == 0:   # the last stage's first rank sends them to the leader
-            self._collective(dist.send, full.contiguous(), dst=0, group=self.tensor_group)
-        return None
+        full = full.contiguous()
+        return self._collective(dist.isend, full, dst=0, group=self.tensor_group), full
 
     def recv_logits(self, rows: int, vocab: int) -> torch.Tensor:
         """Leader, with PP > 1: the logits the last stage gathered."""
         out = torch.empty(rows, vocab, dtype=torch.float32, device=self.device)
-        self._collective(dist.recv, out, src=self.shard.peer(self.shard.pp - 1) - self.shard.tp_rank,
+        self._collective(dist.recv, out, src=self.shard.stage_ranks(self.shard.pp - 1)[0],
                          group=self.tensor_group)
         return out
 
