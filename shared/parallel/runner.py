@@ -310,6 +310,11 @@ def build_rank(config: EngineConfig, tp: int, pp: int, rank: int, timeout_s: flo
     path = resolve_model(config.model)
     cfg = ModelConfig.from_dir(path)
     shard = Shard.of(cfg, tp, pp, rank)
+    if config.device == "cuda":   # one GPU per rank, by its place on this host
+        import dataclasses
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        config = dataclasses.replace(config, device=f"cuda:{local}")
+        torch.cuda.set_device(local)
     if config.device == "cpu":
         torch.set_num_threads(group_threads(config, tp * pp))
     group = Group(shard, config.device, timeout_s, connect_timeout_s)
