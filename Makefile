@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.duet-setup
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup run test soak bench clean
+.PHONY: setup run test compose-test soak bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+compose-test: setup
+	bash tools/compose_setup.sh
+	$(BIN)/python -m pytest -q -x -s -m compose tests/compose
 
 soak: setup
 	$(BIN)/python -m pytest -q -s -m slow tests

@@ -25,7 +25,8 @@ def worker_command(default_role: str):
     @click.option("--num-kv-blocks", default=2048, show_default=True, type=int)
     @click.option("--max-num-seqs", default=64, show_default=True, type=int)
     @click.option("--max-num-batched-tokens", default=2048, show_default=True, type=int)
-    @click.option("--threads", default=None, type=int)
+    @click.option("--threads", default=None, type=int, envvar="DUET_WORKER_THREADS",
+                  help="torch threads (default: every core) [env DUET_WORKER_THREADS]")
     @click.option("--attention-backend", default="auto", show_default=True,
                   type=click.Choice(["auto", "torch", "triton"]))
     @click.option("--enforce-eager", is_flag=True, help="no CUDA graphs")
@@ -63,6 +64,8 @@ def worker_command(default_role: str):
                                max_num_batched_tokens=max_num_batched_tokens,
                                cuda_graph_max_batch=cuda_graph_max_batch,
                                cuda_graph_max_tokens=cuda_graph_max_tokens)
+            from shared.container import default_worker_id
+            worker_id = worker_id or default_worker_id(role)   # in a container: from its id
             kw = {"worker_id": worker_id} if worker_id else {}
             cfg = WorkerConfig(role=role, gateway_addr=gateway_addr, kvstore_addr=kvstore_addr or None,
                                engine=eng, heartbeat_s=heartbeat_s, curve_dir=curve_dir,
