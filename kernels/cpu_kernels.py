@@ -27,7 +27,9 @@ _failed: str | None = None
 
 
 def _build_dir() -> Path:
-    from shared.models.hub import duet_home
+    # $DUET_HOME as shared.models.hub.duet_home() reads it; no import of shared/, so the
+    # image build can compile these before Duet's other code is in (compose/Dockerfile)
+    home = Path(os.environ.get("DUET_HOME", Path.home() / ".cache" / "duet"))
     key = hashlib.sha256()
     for src in _SOURCES:
         key.update(src.read_bytes())
@@ -36,7 +38,7 @@ def _build_dir() -> Path:
         key.update(Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0])
     except OSError:
         key.update(platform.processor().encode())
-    return duet_home() / "build" / f"cpu-kernels-{key.hexdigest()[:16]}"
+    return home / "build" / f"cpu-kernels-{key.hexdigest()[:16]}"
 
 
 def load():

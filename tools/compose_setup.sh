@@ -38,15 +38,21 @@ if ! ls compose/wheels/torch-*.whl >/dev/null 2>&1; then
     done
 fi
 
+# BuildKit (build secrets, bind mounts): through buildx where the CLI has it, else the
+# engine's own CLI (Debian's docker.io 20.10 has BuildKit built in)
 export DOCKER_BUILDKIT=1
+BUILD=(docker build)
+if ! docker buildx version >/dev/null 2>&1 && [ -x /usr/bin/docker ]; then
+    BUILD=(/usr/bin/docker build)
+fi
 t0=$(date +%s)
-docker build -q --network host -f compose/Dockerfile \
+"${BUILD[@]}" -q --network host -f compose/Dockerfile \
     --secret id=pip_cert,src="${DUET_PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" \
     --build-arg BASE_IMAGE=duet-base:bookworm -t duet:latest . >/dev/null
 echo "duet:latest built in $(( $(date +%s) - t0 ))s"
 if ! docker image inspect duet-prometheus:local >/dev/null 2>&1; then
     t0=$(date +%s)
-    docker build -q --network host -f compose/Dockerfile.prometheus \
+    "${BUILD[@]}" -q --network host -f compose/Dockerfile.prometheus \
         --build-arg BASE_IMAGE=duet-base:bookworm -t duet-prometheus:local compose >/dev/null
     echo "duet-prometheus:local built in $(( $(date +%s) - t0 ))s"
 fi
