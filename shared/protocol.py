@@ -167,6 +167,8 @@ class SamplingSpec(Wire):
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    guided_kind: str | None = None     # structured output (shared/engine/guided.py)
+    guided_spec: str | None = None
 
 
 def _check_generations(msg: Any) -> None:
@@ -435,6 +437,8 @@ class ChatMessage(Wire):
 
     role: str
     content: str
+    tool_calls_json: str | None = None   # an assistant turn's calls (OpenAI's shape, JSON)
+    tool_call_id: str | None = None      # a tool turn: the call it answers
 
 
 class TokenizeRequest(Msg, tag="tokz"):
@@ -445,6 +449,7 @@ class TokenizeRequest(Msg, tag="tokz"):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
+    tools_json: str | None = None        # OpenAI's tools, for templates that render them
 
     def __post_init__(self) -> None:
         if (self.text is None) == (self.messages is None):

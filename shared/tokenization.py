@@ -35,8 +35,13 @@ class Tokenizer:
         self.bos_token_id = self.token_to_id(self.bos_token)
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._json = tok_path.read_text()
         self._template = None
 
+
+    def backend_json(self) -> str:
+        """tokenizer.json's text (what llguidance builds its tokenizer from)."""
+        return self._json
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 
@@ -51,24 +56,53 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders `tools` (HF templates that do read the name)."""
+        return bool(self.chat_template) and "tools" in self.chat_template
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
         """The chat template rendered to text, as HF's apply_chat_template(tokenize=False)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use a plain completion prompt")
+        if tools and not self.supports_tools:
+            raise ValueError("this model's chat template has no tool support (it never reads "
+                             "'tools'); send the request without tools")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
         if self._template is None:
             self._template = _compile_template(self.chat_template)
+        extra = {"tools": tools} if tools else {}
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            messages=[_for_template(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
 
-    def apply_chat_template(self, messages: list[dict],
-                            add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
         """Token ids of the rendered template; special tokens come from the text itself."""
-        return self.encode(self.render_chat(messages, add_generation_prompt),
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools),
                            add_special_tokens=False)
+
+
+def _for_template(m: dict) -> dict:
+    """An assistant turn's tool calls with their arguments as objects, as HF templates
+    expect (OpenAI sends them as JSON text)."""
+    if not m.get("tool_calls"):
+        return m
+    calls = []
+    for c in m["tool_calls"]:
+        fn = dict(c.get("function") or {})
+        if isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except ValueError:
+                pass
+        calls.append({**c, "function": fn, "name": fn.get("name"),
+                      "arguments": fn.get("arguments")})
+    return {**m, "tool_calls": calls}
 
 
 def _compile_template(source: str):

@@ -7,7 +7,7 @@ from shared.protocol import SamplingSpec, TokenLogprobs
 
 _SPEC_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "presence_penalty",
                 "frequency_penalty", "repetition_penalty", "max_tokens", "stop_token_ids",
-                "ignore_eos", "logprobs", "n")
+                "ignore_eos", "logprobs", "n", "guided_kind", "guided_spec")
 
 
 def spec_from_params(p: SamplingParams) -> SamplingSpec:

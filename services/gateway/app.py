@@ -182,8 +182,9 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
         prompt_ids = req.prompt_ids
         if prompt_ids is None:
             prompt_ids = backend_call(lambda: backend.tokenize(
-                rid, text=req.prompt, messages=req.messages), "messages"
-                if req.messages is not None else "prompt")
+                rid, text=req.prompt, messages=req.messages, **({"tools": req.tools}
+                                                               if req.tools else {})),
+                "messages" if req.messages is not None else "prompt")
         timings = {"gateway_queue": t_tok - g.t0, "tokenize": time.monotonic() - t_tok}
         max_tokens = resolve_max_tokens(req, len(prompt_ids))
         run = GenerationRun(backend, tokenizer, metrics, req, rid, prompt_ids, max_tokens,
@@ -239,8 +240,20 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
         if req.endpoint == "chat":
             for c in run.choices:
                 yield stream_chunk(req, rid, created_at, c.index, None, role=True)
+        filters = {}
+        if req.parse_tools:   # tool calls held back from the text, sent whole at the end
+            from shared.tool_calls import StreamFilter
+            filters = {c.index: StreamFilter() for c in run.choices}
         try:
             for c, delta, event in run.deltas():
+                calls, finish = None, c.finish_reason
+                if filters:
+                    f = filters[c.index]
+                    delta = f.feed(delta)
+                    if c.done:
+                        rest, calls = f.finish()
+                        delta += rest
+                        finish = "tool_calls" if calls else finish
                 lps = None
                 if c.logprobs is not None and event.logprobs:
                     ids = event.token_ids[:len(event.logprobs)]
@@ -250,7 +263,7 @@ def create_app(backend: Backend, api_keys: set[str] | None = None, *, tokenizer=
                            else chat_logprobs(token_text, ids, event.logprobs))
                 if delta or lps or c.done:
                     yield stream_chunk(req, rid, created_at, c.index, delta,
-                                       c.finish_reason, lps)
+                                       finish if c.done else None, lps, tool_calls=calls)
         except (GenerationFailed, Overloaded) as e:
             log.warning("request %s failed mid-stream: %s", rid, e)
             yield ApiError(500 if isinstance(e, GenerationFailed) else 503, str(e)).body()

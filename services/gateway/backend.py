@@ -62,7 +62,8 @@ class Backend(Protocol):
 
     def tokenize(self, request_id: str, text: str | None = None,
                  messages: list[dict] | None = None,
-                 add_generation_prompt: bool = True) -> list[int]: ...
+                 add_generation_prompt: bool = True,
+                 tools: list[dict] | None = None) -> list[int]: ...
 
     def generate(self, req: ChoiceRequest) -> Iterator[GenEvent]: ...
 

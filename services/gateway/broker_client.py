@@ -106,7 +106,8 @@ class BrokerClient:
             raise RuntimeError(f"gateway broker could not bind {router_addr}")
 
     # -- the Backend, called from request threads ----------------------------------------
-    def tokenize(self, request_id, text=None, messages=None, add_generation_prompt=True):
+    def tokenize(self, request_id, text=None, messages=None, add_generation_prompt=True,
+                 tools=None):
         from services.tokenizer.client import TokenizerClient, TokenizerError
         try:   # a small pool of clients shared by the request threads
             cli = self._tok_pool.get_nowait()
@@ -116,7 +117,7 @@ class BrokerClient:
             self._tok_clients.append(cli)
         try:
             return cli.tokenize(text=text, messages=messages, request_id=request_id,
-                                add_generation_prompt=add_generation_prompt)
+                                add_generation_prompt=add_generation_prompt, tools=tools)
         except TokenizerError as e:
             if getattr(e, "code", "") in ("timeout", "unavailable"):
                 raise Overloaded(f"tokenizer unavailable: {e}")

@@ -60,14 +60,14 @@ class LocalBackend:
     # -- Backend ---------------------------------------------------------------------
     def tokenize(self, request_id: str, text: str | None = None,
                  messages: list[dict] | None = None,
-                 add_generation_prompt: bool = True) -> list[int]:
+                 add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         if (text is None) == (messages is None):
             raise ValueError("exactly one of text or messages must be given")
         tok = self.tokenizer
         try:
             if text is not None:
                 return tok.encode(text, add_special_tokens=True)
-            return tok.apply_chat_template(messages, add_generation_prompt)
+            return tok.apply_chat_template(messages, add_generation_prompt, tools)
         except ValueError:
             raise
         except Exception as e:  # jinja2 errors, wrong types inside messages

@@ -8,6 +8,7 @@ moves data.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    tools: list[dict] | None = None      # rendered by the chat template; None: no tools
+    parse_tools: bool = False            # tool calls are parsed out of the output
 
     def choice_params(self, index: int, max_tokens: int) -> SamplingParams:
         seed = None if self.params.seed is None else self.params.seed + index
@@ -159,7 +162,21 @@ def _messages(body: dict) -> list[dict]:
         if m.get("role") not in _ROLES:
             raise ApiError(400, f"messages[{i}].role={m.get('role')!r} must be one of "
                            f"{', '.join(_ROLES)}", param=f"messages[{i}].role")
-        out.append({"role": m["role"], "content": _content(m, i)})
+        turn = {"role": m["role"], "content": _content(m, i)}
+        if m["role"] == "assistant" and m.get("tool_calls") is not None:
+            calls = m["tool_calls"]
+            if not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in calls):
+                raise _bad(f"messages[{i}].tool_calls",
+                           "an array of {id, type: function, function: {name, arguments}}", calls)
+            turn["tool_calls"] = calls
+        if m["role"] == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise ApiError(400, f"messages[{i}] (role tool) needs its 'tool_call_id'",
+                               param=f"messages[{i}].tool_call_id")
+            turn["tool_call_id"] = m["tool_call_id"]
+        out.append(turn)
     return out
 
 
@@ -176,12 +193,91 @@ def _unsupported(body: dict, endpoint: str) -> None:
                            param="best_of")
     if _get(body, "logit_bias", "object"):
         raise ApiError(400, "'logit_bias' is not supported", param="logit_bias")
-    if _get(body, "tools", "array"):
-        raise ApiError(400, "'tools' (function calling) is not supported", param="tools")
+
+
+GUIDED_EXTRAS = {"guided_json": "json_schema", "guided_regex": "regex",
+                 "guided_choice": "choice", "guided_grammar": "lark"}   # vLLM's extras
+
+
+def _guided(body: dict) -> tuple[str | None, str | None]:
+    """(kind, spec) of the structured output a request asks for, compiled once here so a
+    bad one is a 400 naming the problem (the worker compiles it again for its tokenizer)."""
+    from shared.engine.guided import grammar_for
+    asked = []
     fmt = _get(body, "response_format", "object")
-    if fmt is not None and fmt.get("type") != "text":
-        raise ApiError(400, f"response_format type {fmt.get('type')!r} is not supported; "
-                       "only 'text'", param="response_format")
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            asked.append(("response_format", "json_object", None))
+        elif kind == "json_schema":
+            js = fmt.get("json_schema")
+            if not isinstance(js, dict) or "schema" not in js:
+                raise ApiError(400, "response_format json_schema needs "
+                               "{'json_schema': {'name': ..., 'schema': {...}}}",
+                               param="response_format")
+            asked.append(("response_format", "json_schema", json.dumps(js["schema"])))
+        elif kind != "text":
+            raise ApiError(400, f"response_format type {kind!r} is not supported; use text, "
+                           f"json_object or json_schema", param="response_format")
+    for name, kind in GUIDED_EXTRAS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if kind == "json_schema":
+            spec = value if isinstance(value, str) else json.dumps(value)
+        elif kind == "choice":
+            spec = json.dumps(value)
+        elif not isinstance(value, str):
+            raise _bad(name, "a string", value)
+        else:
+            spec = value
+        asked.append((name, kind, spec))
+    if not asked:
+        return None, None
+    if len(asked) > 1:
+        raise ApiError(400, f"at most one structured output per request; got "
+                       f"{', '.join(a[0] for a in asked)}", param=asked[1][0])
+    param, kind, spec = asked[0]
+    try:
+        grammar_for(kind, spec)
+    except ValueError as e:
+        raise ApiError(400, f"{param}: {e}", param=param) from None
+    return kind, spec
+
+
+def _tools(body: dict, endpoint: str) -> tuple[list | None, object, tuple | None]:
+    """(tools to render, tool_choice, a forced-call guide or None)."""
+    from shared import tool_calls
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        return None, None, None
+    if endpoint != "chat":
+        raise ApiError(400, "'tools' is a chat completions parameter", param="tools")
+    try:
+        tool_calls.check_tools(tools)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="tools") from None
+    choice = "auto" if choice is None else choice
+    if choice == "none":
+        return None, choice, None
+    if choice == "auto":
+        return tools, choice, None
+    if choice == "required":
+        name = None
+    elif (isinstance(choice, dict) and choice.get("type") == "function"
+          and isinstance(choice.get("function"), dict)
+          and isinstance(choice["function"].get("name"), str)):
+        name = choice["function"]["name"]
+    else:
+        raise _bad("tool_choice", "'none', 'auto', 'required' or "
+                   "{'type': 'function', 'function': {'name': ...}}", choice)
+    try:
+        return tools, choice, ("lark", tool_calls.forced_call_grammar(tools, name))
+    except ValueError as e:
+        raise ApiError(400, str(e), param="tool_choice") from None
 
 
 def _stop(body: dict) -> list[str]:
@@ -219,6 +315,7 @@ def _sampling(body: dict, endpoint: str,
               skip_special_tokens=_get(body, "skip_special_tokens", "bool", True),
               stop_token_ids=_token_ids("stop_token_ids",
                                         _get(body, "stop_token_ids", "array", [])))
+    kw["guided_kind"], kw["guided_spec"] = _guided(body)
     for name, want, default in (("temperature", "number", 1.0), ("top_p", "number", 1.0),
                                 ("top_k", "int", 0), ("min_p", "number", 0.0),
                                 ("presence_penalty", "number", 0.0),
@@ -245,6 +342,13 @@ def _parse(body: Any, served_model: str, endpoint: str,
         prompt, prompt_ids, messages = None, None, _messages(body)
     _unsupported(body, endpoint)
     params, max_tokens = _sampling(body, endpoint, defaults)
+    tools, _choice, forced = _tools(body, endpoint)
+    if forced is not None:
+        if params.guided_kind is not None:
+            raise ApiError(400, "tool_choice 'required' or a named function cannot be combined "
+                           "with a structured output (response_format / guided_*)",
+                           param="tool_choice")
+        params = dataclasses.replace(params, guided_kind=forced[0], guided_spec=forced[1])
     stream = _get(body, "stream", "bool", False)
     options = _get(body, "stream_options", "object")
     if options is not None and not stream:
@@ -254,7 +358,8 @@ def _parse(body: Any, served_model: str, endpoint: str,
     n = params.n
     params = dataclasses.replace(params, n=1)
     return CompletionRequest(endpoint, model, params, n, max_tokens, prompt, prompt_ids,
-                             messages, stream, include_usage, _get(body, "user", "str"))
+                             messages, stream, include_usage, _get(body, "user", "str"),
+                             tools, tools is not None)
 
 
 def parse_completion(body: Any, served_model: str,
@@ -336,6 +441,13 @@ def response_body(req: CompletionRequest, rid: str, created: int, choices: list[
                 item["logprobs"] = completion_logprobs(token_text, c.token_ids, c.logprobs)
         else:
             item["message"] = {"role": "assistant", "content": c.text}
+            if req.parse_tools:
+                from shared import tool_calls
+                content, calls = tool_calls.parse(c.text)
+                if calls:
+                    item["message"] = {"role": "assistant", "content": content,
+                                       "tool_calls": calls}
+                    item["finish_reason"] = "tool_calls"
             if c.logprobs is not None:
                 item["logprobs"] = chat_logprobs(token_text, c.token_ids, c.logprobs)
         out.append(item)
@@ -347,7 +459,8 @@ def response_body(req: CompletionRequest, rid: str, created: int, choices: list[
 
 def stream_chunk(req: CompletionRequest, rid: str, created: int, index: int,
                  text: str | None, finish_reason: str | None = None,
-                 logprobs: dict | None = None, role: bool = False) -> dict:
+                 logprobs: dict | None = None, role: bool = False,
+                 tool_calls: list[dict] | None = None) -> dict:
     """One SSE chunk for one choice: completions text, or a chat delta (role=True gives
     the opening {"role": "assistant", "content": ""} delta)."""
     body = _envelope(req.endpoint, rid, created, req.model, True)
@@ -358,6 +471,8 @@ def stream_chunk(req: CompletionRequest, rid: str, created: int, index: int,
         choice["delta"] = {"role": "assistant", "content": ""}
     else:
         choice["delta"] = {"content": text} if text else {}
+        if tool_calls:   # each call whole, in one delta (name and all its arguments)
+            choice["delta"]["tool_calls"] = [{"index": i, **c} for i, c in enumerate(tool_calls)]
     choice["logprobs"] = logprobs
     choice["finish_reason"] = finish_reason
     body["choices"] = [choice]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 import uuid
@@ -48,15 +49,19 @@ class TokenizerClient:
 
     def tokenize(self, text: str | None = None, messages: list[dict] | None = None,
                  add_generation_prompt: bool = True, add_special_tokens: bool = True,
-                 request_id: str | None = None) -> list[int]:
+                 request_id: str | None = None, tools: list[dict] | None = None) -> list[int]:
         """Token ids of `text`, or of `messages` through the chat template."""
         rid = request_id or self._next_id()
         try:
             chat = None if messages is None else [
-                p.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+                p.ChatMessage(role=m["role"], content=m["content"],
+                              tool_calls_json=(json.dumps(m["tool_calls"])
+                                               if m.get("tool_calls") else None),
+                              tool_call_id=m.get("tool_call_id")) for m in messages]
             req = p.TokenizeRequest(request_id=rid, text=text, messages=chat,
                                     add_generation_prompt=add_generation_prompt,
-                                    add_special_tokens=add_special_tokens)
+                                    add_special_tokens=add_special_tokens,
+                                    tools_json=json.dumps(tools) if tools else None)
         except (ValueError, TypeError, KeyError) as e:
             raise TokenizerError(f"bad tokenize request: {e!r}", "bad_request") from None
         return self._call(req, p.TokenizeReply).ids

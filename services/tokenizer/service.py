@@ -7,6 +7,8 @@ rejects it with ErrorReply(code='bad_message') and the loop goes on.
 """
 from __future__ import annotations
 
+import json
+
 import logging
 import threading
 import time
@@ -73,9 +75,17 @@ class TokenizerService:
             return self.tokenizer.encode(msg.text, add_special_tokens=msg.add_special_tokens)
         if not msg.messages:
             raise ValueError("messages is empty: at least one message is required")
-        messages = [{"role": m.role, "content": m.content} for m in msg.messages]
+        messages = []
+        for m in msg.messages:
+            d = {"role": m.role, "content": m.content}
+            if m.tool_calls_json:
+                d["tool_calls"] = json.loads(m.tool_calls_json)
+            if m.tool_call_id:
+                d["tool_call_id"] = m.tool_call_id
+            messages.append(d)
+        tools = json.loads(msg.tools_json) if msg.tools_json else None
         try:
-            return self.tokenizer.apply_chat_template(messages, msg.add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, msg.add_generation_prompt, tools)
         except ValueError:
             raise
         except Exception as e:  # jinja2 TemplateError and friends

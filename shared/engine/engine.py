@@ -13,6 +13,7 @@ import torch
 
 from shared.config import EngineConfig
 from shared.engine.block_manager import BlockManager, blocks_for
+from shared.engine.guided import Guides
 from shared.engine.kv_cache import LocalKVCache
 from shared.engine.model_runner import ModelRunner
 from shared.engine.outputs import RequestOutput
@@ -67,6 +68,7 @@ class LLMEngine:
         self.group = getattr(runner, "leader", None)   # the GroupLeader of a TP/PP group
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
+        self.guides = Guides(tokenizer, mc.vocab_size, tuple(sorted(self.eos_token_ids)))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
@@ -111,6 +113,9 @@ class LLMEngine:
         self.check_prompt(prompt_ids, params)
         arrival = time.monotonic() if arrival is None else arrival
         seqs = [Sequence(request_id, prompt_ids, params, i, arrival) for i in range(params.n)]
+        if params.guided_kind is not None:
+            for s in seqs:
+                s.guide = self.guides.matcher(params.guided_kind, params.guided_spec)
         self.requests[request_id] = seqs
         for s in seqs:
             self.scheduler.add(s)
@@ -134,6 +139,8 @@ class LLMEngine:
             raise RuntimeError(f"request {request_id}: no room for a prefilled sequence")
         seq = Sequence(request_id, prompt_ids, params, 0,
                        time.monotonic() if arrival is None else arrival)
+        if params.guided_kind is not None:   # resume the grammar after prefill's token 1
+            seq.guide = self.guides.matcher(params.guided_kind, params.guided_spec, [first_token])
         self.block_manager.allocate(seq, len(prompt_ids), [])
         try:
             load_kv(seq.block_table[:blocks_for(len(prompt_ids), self.config.block_size)])
@@ -178,7 +185,12 @@ class LLMEngine:
                 self.stats.prompt_tokens_computed += min(n, seq.num_prompt_tokens - (len(seq) - n))
         self.stats.steps += 1
         outputs = []
+        guided = [i for i, s in enumerate(samplers) if s.guide is not None]
+        if guided:
+            self.guides.mask(logits, guided, [samplers[i].guide for i in guided])
         for seq, res in zip(samplers, sample(logits, samplers)):
+            if seq.guide is not None:
+                seq.guide.consume_token(res.token_id)
             seq.append_token(res.token_id)
             self.stats.decode_tokens += 1
             reason = self._finish_reason(seq, res.token_id)

@@ -23,6 +23,8 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # number of top alternatives per token; 0 = chosen only
     skip_special_tokens: bool = True
+    guided_kind: str | None = None   # structured output: json_object, json_schema, regex, ...
+    guided_spec: str | None = None   # ... its schema / regex / JSON list of choices / grammar
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -73,6 +75,13 @@ class SamplingParams:
             bad("stop", self.stop, "a non-empty string or a list of non-empty strings")
         if len(self.stop) > 16:
             bad("stop", f"<{len(self.stop)} strings>", "at most 16 strings")
+        if self.guided_kind is not None:
+            from shared.engine.guided import GUIDED_KINDS, MAX_SPEC_BYTES
+            if self.guided_kind not in GUIDED_KINDS:
+                bad("guided_kind", self.guided_kind, f"one of {', '.join(GUIDED_KINDS)}")
+            if self.guided_spec is not None and (not isinstance(self.guided_spec, str)
+                                                 or len(self.guided_spec) > MAX_SPEC_BYTES):
+                bad("guided_spec", "<spec>", f"a string of at most {MAX_SPEC_BYTES} bytes")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                    for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "a list of non-negative token ids")

@@ -32,6 +32,7 @@ class Sequence:
         self.num_computed_tokens = 0             # tokens whose KV is in the cache
         self.num_cached_tokens = 0               # of those, served by the prefix cache
         self.block_table: list[int] = []
+        self.guide = None   # its llguidance matcher, for a structured-output request
         self.block_hashes: list[bytes] = []      # chained hashes of the full blocks so far
         self.finish_reason: str | None = None
         self.arrival = arrival

@@ -2,6 +2,7 @@
 the official openai client, checked against the in-process engine."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -374,3 +375,76 @@ def test_mesh_is_authenticated_by_default(coloc, tmp_path):
         ctx.term()
     with pytest.raises(ValueError, match="--insecure and --curve-dir"):
         Mesh(insecure=True, curve_dir=str(tmp_path))
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+          "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                         "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}}}
+
+
+def _valid_person(text: str) -> dict:
+    """PERSON's checks by hand: exactly its keys, each of its type."""
+    obj = json.loads(text)
+    assert set(obj) == {"name", "age", "city"}, obj
+    assert isinstance(obj["name"], str) and isinstance(obj["age"], int)
+    assert obj["city"] in ("Paris", "Rome", "Oslo")
+    return obj
+
+
+@pytest.mark.parametrize("mode", ["disagg", "coloc"])
+def test_json_schema_output_validates_in_a_mixed_batch(mode, request):
+    """A json_schema request's output is JSON that validates, streaming and not, while
+    unconstrained requests run in the same batches (disaggregated: prefill samples token 1
+    under the grammar, decode resumes it)."""
+    mesh = request.getfixturevalue(mode)
+    c = client(mesh)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "strict": True,
+                                                  "schema": PERSON}}
+    msgs = [{"role": "user", "content": "Invent a person. Answer in JSON."}]
+    out = {}
+
+    def constrained(key, stream):
+        kw = dict(model="smollm2", messages=msgs, max_tokens=80, temperature=0.7, seed=7,
+                  response_format=fmt)
+        if stream:
+            out[key] = "".join(ch.choices[0].delta.content or "" for ch in
+                               c.chat.completions.create(stream=True, **kw) if ch.choices)
+        else:
+            r = c.chat.completions.create(**kw)
+            out[key] = r.choices[0].message.content
+            out[key + "-finish"] = r.choices[0].finish_reason
+
+    def free(key):
+        r = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=40,
+                                      temperature=0)
+        out[key] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=constrained, args=("plain", False)),
+               threading.Thread(target=constrained, args=("stream", True)),
+               threading.Thread(target=free, args=("free1",)),
+               threading.Thread(target=free, args=("free2",))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _valid_person(out["plain"])
+    _valid_person(out["stream"])
+    assert out["plain-finish"] == "stop"
+    assert out["free1"] == out["free2"] and not out["free1"].startswith("{")
+    choice = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=8,
+                                       temperature=1.0, extra_body={"guided_choice": ["yes", "no"]})
+    assert choice.choices[0].message.content in ("yes", "no")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=8,
+                                  response_format={"type": "json_schema", "json_schema": {
+                                      "name": "x", "schema": {"type": "bogus"}}})
+    assert e.value.status_code == 400 and "Invalid type: bogus" in str(e.value)
+    wait_idle(mesh)
+
+
+def test_tools_on_a_template_without_tool_support_are_400(disagg):
+    tool = {"type": "function", "function": {"name": "get_time"}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client(disagg).chat.completions.create(model="smollm2", messages=CHAT, max_tokens=4,
+                                               tools=[tool])
+    assert "chat template has no tool support" in str(e.value)

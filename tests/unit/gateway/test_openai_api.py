@@ -118,14 +118,34 @@ def test_chat_fields():
     (chat(logprobs=1), "logprobs", "'logprobs' must be a boolean"),
     (chat(top_logprobs=2), "top_logprobs", "requires logprobs=true"),
     (chat(logprobs=True, top_logprobs=30), "logprobs", "logprobs=30 is out of range"),
-    (chat(tools=[{"type": "function"}]), "tools", "not supported"),
-    (chat(response_format={"type": "json_object"}), "response_format", "'json_object' is not supported"),
+    (chat(tools=[{"type": "function"}]), "tools", "tools[0] must be"),
+    (chat(tool_choice="required"), "tool_choice", "'tool_choice' needs 'tools'"),
+    (completion(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "chat completions parameter"),
+    (chat(response_format={"type": "yaml"}), "response_format", "type 'yaml' is not supported"),
+    (chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}),
+     "response_format", "does not compile: Invalid type: bogus"),
+    (chat(response_format={"type": "json_schema"}), "response_format", "needs {'json_schema'"),
+    (chat(guided_regex="[a-z]+("), "guided_regex", "unclosed group"),
+    (chat(guided_choice=[]), "guided_choice", "non-empty list of non-empty strings"),
+    (chat(guided_choice=["a"], guided_regex="a"), "guided_choice", "at most one structured output"),
 ])
 def test_bad_bodies_are_400_naming_the_value(body, param, fragment):
     parse = parse_chat if isinstance(body, dict) and "messages" in body else parse_completion
     err = error_of(parse, body)
     assert err.status == 400 and err.type == "invalid_request_error"
     assert fragment in err.message and err.param == param, (err.message, err.param)
+
+
+def test_structured_output_requests_parse_into_guides():
+    req = parse_chat(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "p", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}),
+        "fake")
+    assert req.params.guided_kind == "json_schema"
+    assert json.loads(req.params.guided_spec)["properties"]["a"] == {"type": "integer"}
+    assert parse_chat(chat(response_format={"type": "json_object"}), "fake").params.guided_kind == "json_object"
+    req = parse_chat(chat(guided_choice=["yes", "no"]), "fake")
+    assert (req.params.guided_kind, json.loads(req.params.guided_spec)) == ("choice", ["yes", "no"])
+    assert parse_chat(chat(response_format={"type": "text"}), "fake").params.guided_kind is None
 
 
 def test_unknown_model_is_404():
