@@ -43,9 +43,13 @@ def main(gateway_url, kvstore_addr, tokenizer_addr, supervisor_url, curve_dir, a
                                f"--host 127.0.0.1 and tunnel to it")
     hosts = tuple(allow_hosts) + ((host,) if host not in ("0.0.0.0", "::") else ())
     logging.info("admin console on http://%s:%d (pid %d)", host, port, os.getpid())
+    from services.admin.sources import History
+    history = History(sources).start()   # the charts' readings, every 2 s, 10 minutes kept
     try:
-        serve(create_app(sources, token=token, allowed_hosts=hosts), host, port, threads=8)
+        serve(create_app(sources, token=token, allowed_hosts=hosts, history=history), host,
+              port, threads=8)
     finally:
+        history.stop()
         sources.close()
 
 

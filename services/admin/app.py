@@ -2,6 +2,7 @@
 
     GET  /                             the page (polls /api/status once a second)
     GET  /api/status                   every source's status (sources.Sources.snapshot)
+    GET  /api/history                  the charts' series: the last minutes (sources.History)
     POST /api/workers/<id>/role        {"role": "prefill" | "decode" | "both"}
     POST /api/workers/<id>/drain       {"enable": true | false}
 
@@ -24,7 +25,7 @@ from shared.protocol import ROLES
 
 
 def create_app(sources: Sources, token: str | None = None,
-               allowed_hosts: tuple[str, ...] = ()) -> Flask:
+               allowed_hosts: tuple[str, ...] = (), history=None) -> Flask:
     app = Flask("duet-admin")
     page = resources.files("services.admin").joinpath("console.html").read_text()
 
@@ -64,6 +65,12 @@ def create_app(sources: Sources, token: str | None = None,
     @app.get("/api/status")
     def status():
         return jsonify(sources.snapshot())
+
+    @app.get("/api/history")
+    def history_series():
+        if history is None:
+            return error(404, "this console keeps no history (started without a sampler)")
+        return jsonify(history.series())
 
     @app.post("/api/workers/<worker_id>/<action>")
     def act(worker_id: str, action: str):

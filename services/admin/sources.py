@@ -8,6 +8,7 @@ routing, so it must know first.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -17,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger("duet.admin")
 
 from shared.protocol import TTFT_STAGES as STAGES
 
@@ -73,11 +76,14 @@ class Sources:
         body["http_status"] = status   # 503 = not ready (no usable worker set), still a body
         return body
 
-    def gateway_metrics(self) -> dict:
+    def gateway_metrics(self, buckets: bool = False) -> dict:
         status, raw = self._http("GET", "/metrics")
         if status != 200:
             raise RuntimeError(f"GET /metrics answered {status}")
-        return summarize_metrics(raw.decode())
+        out = summarize_metrics(raw.decode())
+        if not buckets:
+            out.pop("_buckets")
+        return out
 
     def supervisor_status(self) -> list[dict]:
         """Every service `duet up` supervises: up or not, and how often it restarted."""
@@ -260,7 +266,10 @@ def summarize_metrics(text: str) -> dict:
         if s.name.endswith("_total"):
             requests[f"{s.labels['endpoint']} {s.labels['status']}"] = int(s.value)
     running = families.get("duet_running_requests")
+    whole = _histograms(families, "duet_ttft_seconds", None).get("", {"buckets": []})
+    itl = _histograms(families, "duet_inter_token_latency_seconds", None).get("", {"buckets": []})
     return {
+        "_buckets": {"ttft": whole["buckets"], "itl": itl["buckets"]},   # for History only
         "ttft": _latency_row(_histograms(families, "duet_ttft_seconds", None).get(
             "", {"count": 0, "sum": 0, "buckets": []})),
         "ttft_stages": [dict(stage=s, **_latency_row(stages[s])) for s in order],
@@ -275,3 +284,107 @@ def summarize_metrics(text: str) -> dict:
         "running": int(running.samples[0].value) if running and running.samples else 0,
         "requests": requests,
     }
+
+
+# -- the console's charts: a few minutes of readings --------------------------------------------
+def _delta_quantile(now: list, before: list, q: float) -> float | None:
+    """q-quantile of the observations between two readings of a cumulative histogram."""
+    prev = dict(before)
+    diff = [(le, c - prev.get(le, 0.0)) for le, c in now]
+    return _quantile(diff, diff[-1][1] if diff else 0.0, q)
+
+
+class History:
+    """Readings of the gateway (tokens, TTFT and ITL histograms, queues, each worker's
+    blocks and steps) and the store (blocks in use), every `period_s`, for the last
+    `keep_s`; `series()` turns them into the rates and windowed percentiles the charts
+    draw. One sampler thread, whoever has the page open."""
+
+    def __init__(self, sources: "Sources", period_s: float = 2.0, keep_s: float = 600.0):
+        import collections
+        self.sources, self.period_s = sources, period_s
+        self.points: collections.deque = collections.deque(maxlen=max(2, int(keep_s / period_s)))
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> "History":
+        self._thread = threading.Thread(target=self._run, name="admin-history", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except Exception as e:   # a source that is down: no point this time
+                log.debug("history sample failed: %s", e)
+            self._stop.wait(self.period_s)
+
+    def sample(self) -> None:
+        p = {"t": time.time()}
+        try:
+            m = self.sources.gateway_metrics(buckets=True)
+            p.update(gen=m["generation_tokens"], ttft=m["_buckets"]["ttft"],
+                     itl=m["_buckets"]["itl"], running=m["running"])
+        except Exception:
+            pass
+        try:
+            h = self.sources.gateway_health()
+            p["queue"] = int(h.get("queued", 0)) + int(h.get("waiting_handoffs", 0))
+            p["workers"] = {w["worker_id"]: {
+                "used": w["total_blocks"] - w["free_blocks"], "role": w["role"],
+                "prefill_steps": w.get("prefill_steps", 0),
+                "decode_steps": w.get("decode_steps", 0),
+                "handoffs": w.get("handoffs", 0)} for w in h.get("workers", [])}
+        except Exception:
+            pass
+        if self.sources.kvstore_addr:
+            try:
+                st = self.sources.kvstore_status()["stats"]
+                p["store_used"] = st["total_blocks"] - st["free_blocks"]
+            except Exception:
+                pass
+        with self._lock:
+            self.points.append(p)
+
+    def series(self) -> dict:
+        """Per interval between readings: output tok/s, TTFT p50/p99 and ITL p50 of what
+        finished in it (None: nothing did), KV blocks in use (store, each worker), queue
+        depth, each worker's steps/s."""
+        with self._lock:
+            pts = list(self.points)
+        out = {"t": [], "tok_s": [], "ttft_p50": [], "ttft_p99": [], "itl_p50": [],
+               "store_used": [], "queue": [], "running": [], "workers": {}, "steps_s": {},
+               "handoffs_s": {},
+               "period_s": self.period_s}
+        for a, b in zip(pts, pts[1:]):
+            dt = b["t"] - a["t"]
+            if dt <= 0:
+                continue
+            out["t"].append(round(b["t"], 3))
+            both = "gen" in a and "gen" in b
+            out["tok_s"].append(round((b["gen"] - a["gen"]) / dt, 2) if both else None)
+            out["ttft_p50"].append(_delta_quantile(b["ttft"], a["ttft"], 0.5) if both else None)
+            out["ttft_p99"].append(_delta_quantile(b["ttft"], a["ttft"], 0.99) if both else None)
+            out["itl_p50"].append(_delta_quantile(b["itl"], a["itl"], 0.5) if both else None)
+            out["store_used"].append(b.get("store_used"))
+            out["queue"].append(b.get("queue"))
+            out["running"].append(b.get("running"))
+            n = len(out["t"])
+            for wid, w in (b.get("workers") or {}).items():
+                col = out["workers"].setdefault(wid, [None] * (n - 1))
+                col.append(w["used"])
+                before = (a.get("workers") or {}).get(wid)
+                if before is not None:
+                    steps = (w["prefill_steps"] + w["decode_steps"]
+                             - before["prefill_steps"] - before["decode_steps"])
+                    out["steps_s"][wid] = round(max(steps, 0) / dt, 2)
+                    out["handoffs_s"][wid] = round(
+                        max(w.get("handoffs", 0) - before.get("handoffs", 0), 0) / dt, 2)
+            for col in out["workers"].values():
+                col.extend([None] * (n - len(col)))
+        return out

@@ -290,6 +290,7 @@ class Broker:
         f.worker, f.handoff_since = d.identity, None
         f.tried_decode.add(d.incarnation)
         d.inflight.add(r.request_id)
+        d.handoffs += 1
         self._send(d.identity, P.DecodeRequest(
             request_id=r.request_id, prompt_ids=r.prompt_ids, sampling=spec_from_params(r.params),
             first_token=m.first_token, kv=m.kv, lease_id=m.lease_id))

@@ -26,6 +26,7 @@ class WorkerInfo:
     decode_steps: int = 0
     max_seqs: int = 64                               # sequences it runs at once
     incarnation: str = ""                            # its process's (a restart has another)
+    handoffs: int = 0                                # KV hand-offs offered to it (decode)
     tp: int = 1                                      # its group's shape
     pp: int = 1
     ranks_alive: list = field(default_factory=list)  # per rank, from its heartbeats
@@ -37,6 +38,7 @@ class WorkerInfo:
                 "inflight": len(self.inflight), "draining": self.draining,
                 "prefill_steps": self.prefill_steps, "decode_steps": self.decode_steps,
                 "incarnation": self.incarnation, "tp": self.tp, "pp": self.pp,
+                "handoffs": self.handoffs,
                 "ranks_alive": list(self.ranks_alive) or [True] * (self.tp * self.pp)}
 
 

@@ -267,3 +267,58 @@ def test_console_shows_a_failed_action(disagg, browser):
     expect(page.locator("#action-error")).to_contain_text("gone-7")
     expect(page.locator("#banner")).to_be_hidden()
     page.close()
+
+
+def test_console_charts_and_topology(disagg, browser):
+    """The charts move while a load runs, the topology shows each worker's role and shape
+    and changes when a role flips, the tokenizer is a table; a screenshot is kept
+    (results/tmp/console.png)."""
+    from pathlib import Path
+
+    from playwright.sync_api import expect
+    page = browser.new_page(viewport={"width": 1400, "height": 1900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(disagg.admin_url)
+    topo = lambda wid: page.locator(f'#topology g[data-worker="{wid}"]')  # noqa: E731
+    expect(topo("prefill-0")).to_have_attribute("data-role", "prefill")
+    expect(topo("decode-0")).to_have_attribute("data-role", "decode")
+    expect(topo("decode-0")).to_contain_text("TP1×PP1")
+    expect(page.locator('#topology g[data-node="kvstore"]')).to_contain_text("blocks in use")
+    expect(page.locator('#tokenizer tr[data-key="vocab_size"] td')).to_have_text("49152")
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            complete(disagg, "Tell me about the sea.", max_tokens=24)
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        page.wait_for_function("() => parseFloat(document.querySelector('#chart-tok .now')"
+                               ".textContent) > 0", timeout=60000)
+        page.wait_for_function("() => Number(document.querySelector('#chart-ttft')"
+                               ".dataset.points || 0) > 0", timeout=60000)
+        page.wait_for_function("() => document.querySelector('#topology text[data-rate=\"decode-0\"]')"
+                               ".textContent.includes('steps/s')", timeout=30000)
+        page.wait_for_function("() => document.querySelector('#topology text[data-handoffs=\"decode-0\"]')"
+                               ".textContent.includes('hand-offs/s')", timeout=30000)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert int(page.locator("#chart-kv").get_attribute("data-points")) > 0
+    requests.post(disagg.url + "/admin/workers/decode-0/role", json={"role": "both"})
+    try:
+        expect(topo("decode-0")).to_have_attribute("data-role", "both", timeout=15000)
+        expect(topo("decode-0")).to_contain_text("both")
+        shot = Path(__file__).resolve().parents[2] / "results" / "tmp" / "console.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+    finally:
+        requests.post(disagg.url + "/admin/workers/decode-0/role", json={"role": "decode"})
+    expect(topo("decode-0")).to_have_attribute("data-role", "decode", timeout=15000)
+    assert errors == []
+    page.close()
+    wait_idle(disagg)
