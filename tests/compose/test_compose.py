@@ -109,9 +109,22 @@ def test_greedy_text_equals_the_engine_streaming_and_not(stack, smollm2_engine):
     assert {"server.key", "server.key_secret", "client.key", "client.key_secret"} <= set(keys)
 
 
+def _count(i):
+    return [{"role": "user", "content": f"Count from {i} to {i + 40}."}]
+
+
+def _references(engine, n, max_tokens):
+    """What the in-process fp32 engine answers to each of the streams' prompts."""
+    tok = engine.tokenizer
+    from shared.engine.sampling_params import SamplingParams
+    outs = engine.generate([tok.apply_chat_template(_count(i)) for i in range(n)],
+                           SamplingParams(temperature=0, max_tokens=max_tokens))
+    return [tok.decode(o[0]) for o in outs]
+
+
 def _stream(results, i, max_tokens=48):
     body = {"model": "smollm2", "stream": True, "temperature": 0, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": f"Count from {i} to {i + 40}."}]}
+            "messages": _count(i)}
     text, err = "", None
     try:
         with requests.post(URL + "/v1/chat/completions", json=body, stream=True, timeout=180) as r:
@@ -128,7 +141,7 @@ def _stream(results, i, max_tokens=48):
     results[i] = (text, err)
 
 
-def test_scale_decode_to_two_both_serve(stack):
+def test_scale_decode_to_two_both_serve(stack, smollm2_engine):
     compose("up", "-d", "--scale", "decode=2", "--no-recreate")
     wait_workers({"prefill": 1, "decode": 2})
     listed = json.loads(compose("exec", "-T", "gateway", "duet", "worker", "list",
@@ -144,12 +157,13 @@ def test_scale_decode_to_two_both_serve(stack):
         t.start()
     for t in threads:
         t.join()
-    assert all(err is None and text for text, err in results.values()), results
+    want = _references(smollm2_engine, 6, 48)
+    assert [results[i] for i in range(6)] == [(w, None) for w in want]
     steps = {w["worker_id"]: w["decode_steps"] for w in health()["workers"] if w["role"] == "decode"}
     assert all(n > 0 for n in steps.values()), steps
 
 
-def test_kill_9_of_a_decode_replica_under_load(stack):
+def test_kill_9_of_a_decode_replica_under_load(stack, smollm2_engine):
     wait_workers({"prefill": 1, "decode": 2})
     victim = compose("ps", "-q", "decode").stdout.split()[0]
     restarts = int(docker("inspect", "-f", "{{.RestartCount}}", victim))
@@ -165,11 +179,16 @@ def test_kill_9_of_a_decode_replica_under_load(stack):
     os.kill(pid, signal.SIGKILL)        # the worker process itself dies, as in a crash
     for t in threads:
         t.join()
-    # each stream: a whole answer (re-dispatched, or on the other replica) or a clear error
-    for text, err in results.values():
-        assert err is not None or text, results
-        if err is not None:
-            assert isinstance(err, (dict, str)) and err
+    # each stream: the whole reference answer (re-dispatched, or on the other replica), or
+    # the reference's start and then a clear error
+    want = _references(smollm2_engine, 6, 96)
+    for i in range(6):
+        text, err = results[i]
+        if err is None:
+            assert text == want[i], (i, text, want[i])
+        else:
+            assert want[i].startswith(text), (i, text, want[i])
+            assert isinstance(err, dict) and err.get("message"), err
     # the restart policy brings the replica back, and it registers again
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

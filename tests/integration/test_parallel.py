@@ -124,6 +124,9 @@ def tiny_chat(tmp_path_factory, smollm2_dir):
     return d
 
 
+STORY = [{"role": "user", "content": "Tell me a long story."}]
+
+
 def _chat(mesh, max_tokens=24):
     c = openai.OpenAI(base_url=mesh.url + "/v1", api_key="none", max_retries=0, timeout=120)
     model = c.models.list().data[0].id
@@ -145,7 +148,12 @@ def _shapes(mesh):
 def colocated_text(tiny_chat, tmp_path_factory):
     mesh = start_mesh(tiny_chat, tmp_path_factory.mktemp("coloc"), colocated=True)
     try:
-        return _chat(mesh)
+        texts = _chat(mesh)
+        c = openai.OpenAI(base_url=mesh.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        story = c.chat.completions.create(model=c.models.list().data[0].id, messages=STORY,
+                                          max_tokens=400, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        return texts + [story.choices[0].message.content]
     finally:
         mesh.stop()
 
@@ -158,7 +166,7 @@ def colocated_text(tiny_chat, tmp_path_factory):
 def test_heterogeneous_handoff_gives_colocated_text(tiny_chat, colocated_text, tmp_path, shape):
     mesh = start_mesh(tiny_chat, tmp_path, prefill=1, decode=1, **shape)
     try:
-        assert _chat(mesh) == colocated_text
+        assert _chat(mesh) == colocated_text[:2]
         got = _shapes(mesh)
         assert got["prefill-0"][:2] == (shape.get("prefill_tp", 1), shape.get("prefill_pp", 1))
         assert got["decode-0"][:2] == (shape.get("decode_tp", 1), shape.get("decode_pp", 1))
@@ -201,7 +209,7 @@ def test_kill_9_of_a_rank_mid_stream(tiny_chat, colocated_text, tmp_path):
         ranks = _children(leader)
         assert len(ranks) == 3, ranks
         body = {"model": requests.get(mesh.url + "/v1/models").json()["data"][0]["id"],
-                "messages": [{"role": "user", "content": "Tell me a long story."}],
+                "messages": STORY,
                 "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
         chunks, killed = [], False
         with requests.post(mesh.url + "/v1/chat/completions", json=body, stream=True,
@@ -215,8 +223,15 @@ def test_kill_9_of_a_rank_mid_stream(tiny_chat, colocated_text, tmp_path):
                     killed_at, killed = time.monotonic(), True
         assert killed
         last = chunks[-1]
-        finished = last.get("choices") and last["choices"][0].get("finish_reason") == "length"
-        assert finished or "error" in last, last
+        text = "".join(ch["choices"][0]["delta"].get("content") or ""
+                       for ch in chunks if ch.get("choices"))
+        reference = colocated_text[2]
+        # the stream's text is the reference's (compared over its first 60 characters: over
+        # hundreds of tokens a random model's near-ties may break differently at TP=2xPP=2)
+        n = min(len(text), 60)
+        assert n > 0 and text[:n] == reference[:n], (text, reference)
+        if "error" not in last:   # re-dispatched before a token was sent: a whole answer
+            assert last["choices"][0]["finish_reason"] == "length", last
         deadline = killed_at + 30
         while time.monotonic() < deadline and any(_alive(p) for p in [leader, *ranks]):
             time.sleep(0.5)
@@ -231,7 +246,7 @@ def test_kill_9_of_a_rank_mid_stream(tiny_chat, colocated_text, tmp_path):
                 break
             time.sleep(0.5)
         assert _shapes(mesh)["decode-0"][:2] == (2, 2)
-        assert _chat(mesh) == colocated_text
+        assert _chat(mesh) == colocated_text[:2]
     finally:
         mesh.stop()
 
