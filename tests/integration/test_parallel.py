@@ -93,14 +93,14 @@ def test_smollm2_tp3_gives_tp1_greedy_tokens(smollm2_dir):
 
 
 def test_each_rank_holds_its_share_of_the_weights(tmp_path):
-    """A model whose ~390 MB of fp32 weights dwarf the noise: each rank's RSS is within 20%
+    """A model whose ~640 MB of fp32 weights dwarf the noise: each rank's RSS is within 20%
     of 1/T of the weights plus its fixed overhead, that same rank's RSS in the same group
     shape serving a model of ~1 MB (the leader carries more than a follower: the engine)."""
     big, _ = save_tiny_model(tmp_path / "big", seed=1, vocab_size=16384, hidden_size=1024,
-                             intermediate_size=4096, num_hidden_layers=4,
+                             intermediate_size=4096, num_hidden_layers=8,
                              num_attention_heads=8, num_key_value_heads=4)
     small, _ = save_tiny_model(tmp_path / "small", seed=1, vocab_size=2048, hidden_size=64,
-                               intermediate_size=128, num_hidden_layers=4,
+                               intermediate_size=128, num_hidden_layers=8,
                                num_attention_heads=8, num_key_value_heads=4)
     weights_mb = sum(f.stat().st_size for f in big.glob("*.safetensors")) / 2**20
     common = ["--prompts", "[[1,2,3]]", "--max-tokens", "2", "--num-kv-blocks", "16"]
