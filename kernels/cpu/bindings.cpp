@@ -10,6 +10,12 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
                                                 const at::Tensor& w, double eps);
 at::Tensor silu_mul(const at::Tensor& x);
 void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+bool linear_bf16_supported();
+at::Tensor pack_bf16(const at::Tensor& w);
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t N,
+                       const c10::optional<at::Tensor>& bias);
+
+void bind_decode_stack(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention");
@@ -17,4 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual add, then RMSNorm");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("rope_", &rope_, "rotary embedding, in place");
+  m.def("linear_bf16_supported", &linear_bf16_supported, "built with AVX-512 BF16");
+  m.def("pack_bf16", &pack_bf16, "a bf16 weight [N, K] in linear_bf16's blocked layout");
+  m.def("linear_bf16", &linear_bf16, "x @ W^T (+ bias), bf16, batch-invariant",
+        py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("bias") = py::none());
+  bind_decode_stack(m);
 }

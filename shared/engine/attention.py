@@ -128,6 +128,17 @@ class TorchPagedAttention:
             self._prefill(m.prefill, q, k, v, kc, vc, out)
         return out
 
+    def decode_only_inputs(self, layers: list[int]):
+        """(K caches, V caches, slot_block, slot_offset, block_tables, ctx_lens) of `layers`
+        when every sequence of this step decodes one token (then token b is sequence b), the
+        inputs of the fused decode stack (kernels/cpu/decode_stack.cpp); else None."""
+        m = self.meta
+        if m.prefill is not None or m.decode is None:
+            return None
+        views = [self.kv_cache.layer(l) for l in layers]
+        return ([k for k, _ in views], [v for _, v in views], m.slot_block, m.slot_offset,
+                m.decode.block_tables, m.decode.ctx_lens)
+
     def _decode(self, g: DecodeGroup, q, kc, vc):
         return self.paged_decode(q, kc, vc, g.block_tables, g.ctx_lens, self.scale)
 

@@ -1,17 +1,27 @@
-"""bf16 linears with their weights prepacked for oneDNN, on CPUs with AVX-512 BF16.
+"""bf16 linears with their weights prepacked once at load, on CPUs with AVX-512 BF16.
 
-torch's bf16 `F.linear` on CPU reorders the weight into oneDNN's blocked layout on every
-call; packed once at load, the same GEMM streams it at the memory's speed: on this 2-core
-machine all of SmolLM2's linears at batch 1 take 11.6 ms instead of 18.9 ms (23 GB/s, the
-weight-streaming floor). The packed result is the same for every batch size (the layout is
-fixed by the weight, not the batch). fp32 and CUDA keep plain nn.Linear.
+Two packings, same contract (a row's result never depends on the rows beside it):
+- Duet's own kernel (kernels/cpu/linear.cpp) where the C++ kernels are built: weights in
+  blocks of 32 outputs streamed sequentially, one fp32 accumulator per output over k-pairs
+  in a fixed order. At batch 1 all of SmolLM2's linears and its lm_head take 11.1 ms on this
+  2-core machine, 24 GB/s (the weight-streaming floor), against 16.7 ms through oneDNN;
+  from ~64 rows up both are at the compute roof (`python tools/bench_linear.py`).
+- oneDNN's prepacked GEMM (torch.ops.mkldnn) where they are not built: torch's plain bf16
+  `F.linear` would reorder the weight on every call.
+fp32 and CUDA keep plain nn.Linear.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-BATCH_HINT = 64   # the packing's tuning hint; measured no slower at batch 1 than hint 1
+BATCH_HINT = 64   # oneDNN's packing hint; measured no slower at batch 1 than hint 1
+
+
+def _own_kernel():
+    from kernels import cpu_kernels
+    mod = cpu_kernels.load()
+    return mod if mod is not None and mod.linear_bf16_supported() else None
 
 
 class PackedLinear(nn.Module):
@@ -20,13 +30,25 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(
-            weight.detach(), BATCH_HINT), persistent=False)
+        self._mod = _own_kernel() if self.in_features % 2 == 0 else None
+        self.kind = "duet" if self._mod is not None else "onednn"
+        if self._mod is not None:
+            packed = self._mod.pack_bf16(weight.detach())
+            if bias is not None:   # fp32, padded to whole blocks: added before the rounding
+                pad = torch.zeros(packed.shape[0] * packed.shape[2], dtype=torch.float32)
+                pad[:self.out_features] = bias.detach().float()
+                bias = pad
+        else:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
+        self.register_buffer("packed", packed, persistent=False)
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed,
-                                               self.bias, "none", [], "")
+        x2 = x.reshape(-1, self.in_features)
+        if self._mod is not None:
+            y = self._mod.linear_bf16(x2, self.packed, self.out_features, self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

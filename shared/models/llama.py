@@ -6,6 +6,7 @@ q/k/v and gate/up projections are fused at load time (see loader.py) for fewer G
 """
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
@@ -117,6 +118,7 @@ class LlamaForCausalLM(nn.Module):
                              f"scaling extends it (rope_type here: {kind!r})")
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
+        self._stack = None   # the fused decode stack, built on the first decode-only step
         if not self.embed_tokens.weight.is_meta:  # the loader builds on meta, then calls it
             self.init_rope(self.embed_tokens.weight.device)
 
@@ -139,10 +141,47 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] (packed tokens of all sequences) -> hidden [T, hidden]."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]   # fp32 [T, D]
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, attn)
+        stack = self.decode_stack()
+        inputs = None
+        if stack is not None and hasattr(attn, "decode_only_inputs"):
+            inputs = attn.decode_only_inputs([layer.index for layer in self.layers])
+        if inputs is not None:   # every sequence decodes one token: all layers in one call
+            x, residual = stack.forward(x, None, cos, sin, *inputs)
+        else:
+            residual = None
+            for layer in self.layers:
+                x, residual = layer(x, residual, cos, sin, attn)
         return self.norm.add_forward(x, residual)[0]
+
+    def decode_stack(self):
+        """The fused decode stack (kernels/cpu/decode_stack.cpp: every layer of a
+        decode-only step in one C++ call, bit-identical to the layer-by-layer path) where it
+        applies: bf16 on the CPU with Duet's packed linears, no tensor-parallel reduce, the
+        C++ kernels built, DUET_FUSED_DECODE not 0. None elsewhere."""
+        if self._stack is None:
+            self._stack = self._build_stack() or False
+        return self._stack or None
+
+    def _build_stack(self):
+        if os.environ.get("DUET_FUSED_DECODE", "1") == "0" or self.device.type != "cpu" \
+                or self.dtype != torch.bfloat16 or not len(self.layers):
+            return None
+        layers = []
+        for layer in self.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            linears = (att.qkv_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if att.reduce is not None or mlp.reduce is not None or \
+                    any(getattr(lin, "kind", None) != "duet" or lin.bias is not None
+                        for lin in linears[1:]) or getattr(att.qkv_proj, "kind", None) != "duet":
+                return None
+            layers.append((layer.input_layernorm.weight.detach(),
+                           layer.post_attention_layernorm.weight.detach(),
+                           att.qkv_proj.packed, att.qkv_proj.bias, att.o_proj.packed,
+                           mlp.gate_up_proj.packed, mlp.down_proj.packed))
+        mod = linears[0]._mod
+        cfg = self.config
+        return mod.DecodeStack(layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                               cfg.rms_norm_eps, cfg.head_dim ** -0.5)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32."""
