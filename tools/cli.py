@@ -168,6 +168,9 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--tp", default=None, type=int, help="with --colocated: the worker's TP ranks")
 @click.option("--pp", default=None, type=int, help="with --colocated: the worker's PP stages")
 @click.option("--kv-blocks", default=2048, show_default=True, type=int, help="KV-store pool blocks")
+@click.option("--core-share/--no-core-share", default=True, show_default=True,
+              help="CPU workers share the cores by load: each steps on all of them while the "
+                   "others are idle (off: a fixed split, cores / workers each)")
 @click.option("--curve-dir", default=None,
               help="CURVE keys to authenticate the mesh with (default: fresh keys per run)")
 @click.option("--insecure", is_flag=True,
@@ -179,7 +182,8 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--log-level", default="WARNING", show_default=True)
 def up(model_name, prefill, decode, colocated, port, admin_port, supervisor_port,
        kv_metrics_port, queue_timeout_s, host, dtype, device, devices, kv_transport,
-       prefill_tp, prefill_pp, decode_tp, decode_pp, tp, pp, kv_blocks, curve_dir, insecure,
+       prefill_tp, prefill_pp, decode_tp, decode_pp, tp, pp, kv_blocks, core_share, curve_dir,
+       insecure,
        api_keys, max_concurrency_per_key, log_dir, log_level):
     """Start tokenizer, kvstore, workers and gateway as separate processes."""
     from tools.up import Mesh, run_up
@@ -195,7 +199,8 @@ def up(model_name, prefill, decode, colocated, port, admin_port, supervisor_port
                     queue_timeout_s=queue_timeout_s, host=host, dtype=dtype, device=device,
                     devices=devices, kv_transport=kv_transport, prefill_tp=prefill_tp,
                     prefill_pp=prefill_pp, decode_tp=decode_tp, decode_pp=decode_pp,
-                    kv_blocks=kv_blocks, curve_dir=curve_dir, insecure=insecure,
+                    kv_blocks=kv_blocks, core_share=core_share, curve_dir=curve_dir,
+                    insecure=insecure,
                     api_keys=api_keys, max_concurrency_per_key=max_concurrency_per_key,
                     log_dir=log_dir, log_level=log_level)
     except ValueError as e:

@@ -42,6 +42,7 @@ class Mesh:
     max_num_batched_tokens: int = 2048   # tokens one engine step computes (chunked prefill)
     worker_threads: int | None = None    # torch threads per worker (None: the cores / workers)
     worker_args: tuple = ()              # more flags for every worker (--enforce-eager, ...)
+    core_share: bool = True              # CPU workers share the cores by load (shared/cores.py)
     kv_transport: str = "auto"           # how decode workers take hand-offs: auto, shm, tcp
     prefill_tp: int = 1                  # each prefill worker: a TP x PP group of processes
     prefill_pp: int = 1
@@ -173,6 +174,12 @@ class Mesh:
         # streams (measured), and a worker on both cores of this 2-core machine decodes
         # 16 streams 25% faster than on one
         threads = str(self.worker_threads or max(1, (os.cpu_count() or 1) // workers))
+        share = []
+        if self.sharing_cores:
+            # each worker steps on every core while the others idle, on its share while
+            # they are busy: one stream decodes on both cores between prompts
+            threads = str(self.worker_threads or os.cpu_count() or 1)
+            share = ["--core-share", self.core_share_name]
         self._spawn("kvstore", "services.kvstore", "--bind", self.addr["kvstore"],
                     "--model", model_dir, "--dtype", dtype, "--num-blocks", str(self.kv_blocks),
                     "--device", store_device,
@@ -202,7 +209,7 @@ class Mesh:
                   "--kvstore-addr", self.addr["kvstore"], "--threads", threads,
                   "--num-kv-blocks", str(self.worker_blocks), "--max-num-seqs", str(self.max_num_seqs),
                   "--max-num-batched-tokens", str(self.max_num_batched_tokens),
-                  "--heartbeat", str(self.heartbeat_s), *self.worker_args, *curve]
+                  "--heartbeat", str(self.heartbeat_s), *share, *self.worker_args, *curve]
         roles = [("both", 1)] if self.colocated else [("prefill", self.prefill), ("decode", self.decode)]
         placed = 0
         for role, count in roles:
@@ -280,10 +287,25 @@ class Mesh:
                 self.supervisor.poll()
         threading.Thread(target=loop, name="duet-supervisor", daemon=True).start()
 
+    @property
+    def sharing_cores(self) -> bool:
+        """Whether the workers share the host's cores by load: on the CPU, more than one
+        worker, each a single process."""
+        workers = self.prefill + self.decode
+        return (self.core_share and self.device == "cpu" and workers > 1
+                and self.ranks == workers)
+
+    @property
+    def core_share_name(self) -> str:
+        return f"up-{os.getpid()}-{id(self) & 0xffff:x}"
+
     def stop(self, grace_s: float = 10.0) -> None:
         if getattr(self, "_supervising", None) is not None:
             self._supervising.set()
         self.supervisor.stop(grace_s)
+        if self.sharing_cores:
+            from shared.cores import remove_share
+            remove_share(self.core_share_name)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 

@@ -50,12 +50,16 @@ def worker_command(default_role: str):
     @click.option("--pp", default=1, show_default=True, type=int, help="pipeline stages")
     @click.option("--group-timeout", "group_timeout_s", default=20.0, show_default=True,
                   type=float, help="seconds a collective may wait before the group is failed")
+    @click.option("--core-share", default=None, envvar="DUET_CORE_SHARE",
+                  help="share this host's cores with the other workers given the same name: "
+                       "step on all of them (up to --threads) while the others are idle, on "
+                       "a fair share while they are busy [env DUET_CORE_SHARE]")
     @click.option("--curve-dir", default=None)
     @click.option("--log-level", default="INFO", show_default=True)
     def cmd(role, model, dtype, device, gateway_addr, kvstore_addr, worker_id, num_kv_blocks,
             max_num_seqs, max_num_batched_tokens, threads, attention_backend, enforce_eager,
             cuda_graph_max_batch, cuda_graph_max_tokens, heartbeat_s, kv_verify, kv_transport, tp, pp, group_timeout_s,
-            curve_dir, log_level):
+            core_share, curve_dir, log_level):
         logging.basicConfig(level=log_level, format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
         try:
             eng = EngineConfig(model=model, dtype=dtype, device=device, num_kv_blocks=num_kv_blocks,
@@ -70,7 +74,7 @@ def worker_command(default_role: str):
             cfg = WorkerConfig(role=role, gateway_addr=gateway_addr, kvstore_addr=kvstore_addr or None,
                                engine=eng, heartbeat_s=heartbeat_s, curve_dir=curve_dir,
                                kv_verify=kv_verify, kv_transport=kv_transport, tp=tp, pp=pp,
-                               group_timeout_s=group_timeout_s, **kw)
+                               group_timeout_s=group_timeout_s, core_share=core_share, **kw)
         except ValueError as e:
             raise click.BadParameter(str(e))
         from services.worker.worker import Worker

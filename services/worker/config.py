@@ -28,6 +28,7 @@ class WorkerConfig:
     pp: int = 1                          # pipeline stages
     group_timeout_s: float = 20.0        # a collective waiting longer: the group has failed
     group_connect_timeout_s: float = 30.0   # how long a rank waits to reach MASTER_ADDR
+    core_share: str | None = None        # share the host's cores with the workers of this name
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -42,5 +43,12 @@ class WorkerConfig:
                 raise ValueError(f"{name}={v!r} must be an integer in [1, 64]")
         if not 1 <= self.group_timeout_s <= 600:
             raise ValueError(f"group_timeout_s={self.group_timeout_s} must be in [1, 600]")
+        if self.core_share is not None:
+            from shared.cores import share_path
+            share_path(self.core_share)   # a plain file name, or a ValueError naming it
+            if self.engine.device != "cpu" or self.tp * self.pp > 1:
+                raise ValueError(f"--core-share {self.core_share!r} is for single-process CPU "
+                                 f"workers (device={self.engine.device}, tp={self.tp}, "
+                                 f"pp={self.pp})")
         if not 1 <= self.liveness <= 100:
             raise ValueError(f"liveness={self.liveness} must be in [1, 100]")

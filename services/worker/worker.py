@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import msgspec
+import torch
 import zmq
 
 from services.worker.config import WorkerConfig
@@ -111,6 +112,11 @@ class Worker:
         self.stop_event = threading.Event()
         self.gateway = Liveness(config.heartbeat_s, config.liveness)
         self._out_addr = f"inproc://duet-worker-out-{id(self)}"
+        self.cores = None   # shared.cores.CoreShare: threads per step from the host's load
+        if config.core_share:
+            from shared.cores import CoreShare
+            self.cores = CoreShare(config.core_share, cap=config.engine.threads)
+            self._threads = torch.get_num_threads()
         self._publish()
         self.sock: zmq.Socket | None = None
         self._last_register = 0.0
@@ -134,7 +140,16 @@ class Worker:
                     else:
                         msgs += self.core.handle(item)
                 if self.core.has_work():
-                    msgs += self.core.step()
+                    if self.cores is not None:
+                        n = self.cores.begin_step()
+                        if n != self._threads:
+                            torch.set_num_threads(n)
+                            self._threads = n
+                    try:
+                        msgs += self.core.step()
+                    finally:
+                        if self.cores is not None:
+                            self.cores.end_step()
                 self.core.tick()
                 for m in msgs:
                     out.send_multipart(P.encode(m), copy=False)
@@ -146,6 +161,8 @@ class Worker:
             self.core.abort_all("shutdown")
             if self.group is not None:
                 self.group.stop("the worker is stopping")
+            if self.cores is not None:
+                self.cores.close()
             out.close(linger=200)
 
     def _take_inbox(self, block: bool) -> list:
