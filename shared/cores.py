@@ -7,8 +7,8 @@ disaggregated served 30 tok/s where colocated served 39. Here each worker holds 
 a small table in /dev/shm (`duet-cores-NAME`, 16 bytes a slot: pid, busy-until on the
 host's monotonic clock). A worker about to step marks itself busy and counts the others
 busy now; it takes cores // (1 + busy others) threads (at least 1, at most its cap). After
-the step it stays marked for `linger_s` (a decode worker's gap between steps is not
-idleness). A killed worker's slot is freed by the next one that finds its pid gone.
+a step with more to come it stays marked for `linger_s` (a decode worker's gap between
+steps is not idleness); with nothing left, it is idle at once. A killed worker's slot is freed by the next one that finds its pid gone.
 """
 from __future__ import annotations
 
@@ -99,8 +99,12 @@ class CoreShare:
         self.table["until"][self.slot] = BUSY
         return max(1, min(self.cap, self.cores // (1 + self.busy_others())))
 
-    def end_step(self) -> None:
-        self.table["until"][self.slot] = time.monotonic() + self.linger_s
+    def end_step(self, more: bool = True) -> None:
+        """The step is over; `more`: this worker has another step due (it stays counted for
+        linger_s, so the gap between two decode steps is not mistaken for idleness). A
+        worker with nothing left frees its cores at once: the next prompt's prefill, which
+        a waiting client sends within milliseconds, then gets all of them."""
+        self.table["until"][self.slot] = time.monotonic() + self.linger_s if more else 0.0
 
     def close(self) -> None:
         if self.table is None:

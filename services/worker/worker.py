@@ -149,7 +149,7 @@ class Worker:
                         msgs += self.core.step()
                     finally:
                         if self.cores is not None:
-                            self.cores.end_step()
+                            self.cores.end_step(more=self.core.has_work())
                 self.core.tick()
                 for m in msgs:
                     out.send_multipart(P.encode(m), copy=False)

@@ -79,6 +79,8 @@ def test_a_worker_killed_mid_step_stops_counting(name):
 def test_caps_and_bad_names(name):
     me = CoreShare(name, cap=1, cores=2)
     assert me.begin_step() == 1                       # --threads 1 caps it
+    me.end_step(more=False)                           # nothing left: idle at once
+    assert me.table["until"][me.slot] == 0.0
     me.close()
     assert share_path(name).exists()
     with pytest.raises(ValueError, match="'a/b' must be a plain file name"):
