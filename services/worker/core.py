@@ -134,19 +134,13 @@ class WorkerCore:
                 if self.kv_transport != "auto":
                     raise
                 log.warning("cannot map the store's pool (%s): KV hand-offs over tcp", e)
-        group = eng.group
-        if pool is None and group is not None:
-            tp, pp = group.shape
-            raise ValueError(f"a TP={tp} x PP={pp} group takes KV hand-offs only through the "
-                             f"store's mapped pool ({backend}), where each rank reads its own "
-                             f"slice; this pool cannot be mapped here (--kv-transport "
-                             f"{self.kv_transport})")
         if pool is None:   # over the wire: decode only
             self.store, self.pool_info, self.pool, self.generations = store, info, None, None
             self.transport, self.prefill = "tcp", None
             return
         self.transport = backend
         self.store, self.pool_info, self.pool, self.generations = store, info, pool, generations
+        group = eng.group
         if group is None:
             cache, runner = StoreKVCache(pool), None
         else:   # every rank maps the pool and writes its own (layers, heads) slice

@@ -173,6 +173,7 @@ class DecodeClaim:
             if list(got.generations) != self.generations[start:start + len(ids)]:
                 raise StaleBlockError(f"KV blocks recycled before the read (block, expected, "
                                       f"found): {list(zip(ids, self.generations[start:], got.generations))[:4]}")
+            blocks = []
             for i, frame in enumerate(got.frames):
                 block = tcp.from_frame(frame, info.dtype, shape).unsqueeze(0)
                 j = start + i
@@ -182,4 +183,10 @@ class DecodeClaim:
                         raise KVChecksumError(f"KV checksum mismatch after the tcp read: block "
                                               f"{ids[i]} does not hold what its writer committed",
                                               [ids[i]])
-                cache.load_block(block[0], dst_blocks[j])
+                blocks.append(block[0])
+            dst = dst_blocks[start:start + len(ids)]
+            if hasattr(cache, "load_blocks"):   # a TP/PP group: one broadcast to the ranks
+                cache.load_blocks(torch.stack(blocks), dst)
+            else:
+                for block, d in zip(blocks, dst):
+                    cache.load_block(block, d)

@@ -48,6 +48,15 @@ class LoadKV(msgspec.Struct, tag="load", array_like=True):
     dst: list[int]
 
 
+class LoadBlocks(msgspec.Struct, tag="blocks", array_like=True):
+    """Whole store blocks read over the wire by the leader (a tcp hand-off) follow as one
+    tensor broadcast of `shape` ([n, layers, 2, block_size, kv heads, head dim]) in `dtype`;
+    each rank copies its slice of block i into its own cache block dst[i]."""
+    dst: list[int]
+    shape: list[int]
+    dtype: str
+
+
 class AttachPool(msgspec.Struct, tag="pool", array_like=True):
     info: bytes                     # a msgpack KVPoolInfo
 
@@ -60,7 +69,7 @@ class Stop(msgspec.Struct, tag="stop", array_like=True):
     reason: str = ""
 
 
-Command = Step | LoadKV | AttachPool | Ping | Stop
+Command = Step | LoadKV | LoadBlocks | AttachPool | Ping | Stop
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Command)
 
@@ -131,6 +140,12 @@ class Group:
         return _decoder.decode(buf.numpy().tobytes())
 
     # -- tensors ------------------------------------------------------------------------------
+    def broadcast_bytes(self, t: torch.Tensor) -> torch.Tensor:
+        """The leader's contiguous tensor t, as raw bytes, into every rank's t (same shape and
+        dtype, allocated by the caller): any dtype, gloo included."""
+        self._collective(dist.broadcast, t.view(-1).view(torch.uint8), src=0)
+        return t
+
     def all_reduce(self, t: torch.Tensor) -> None:
         """Sum t over this stage's TP ranks, in place. bf16/fp16 are summed in fp32 on gloo
         (it has no bf16 sum; and a wider sum of the ranks' partials is also exacter)."""

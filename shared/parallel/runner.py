@@ -23,7 +23,8 @@ import torch
 from shared.config import EngineConfig
 from shared.engine.kv_cache import LocalKVCache, StoreKVCache
 from shared.engine.model_runner import ModelRunner, StepInputs, prepare_step
-from shared.parallel.group import AttachPool, Group, GroupError, LoadKV, Ping, Step, Stop
+from shared.parallel.group import (AttachPool, Group, GroupError, LoadBlocks, LoadKV, Ping, Step,
+                                   Stop)
 from shared.parallel.shape import Shard
 from shared.parallel.sharded import ShardedLlama, load_sharded
 
@@ -151,6 +152,10 @@ class RankState:
             torch.cuda.current_stream(self.pool.device).synchronize()
         self.group.barrier()
 
+    def load_blocks(self, blocks: torch.Tensor, dst: list[int]) -> None:
+        for i, d in enumerate(dst):
+            self.cache.load_block(blocks[i], d)
+
     def step(self, engine: str, step: StepInputs, micro_batches: int = 1) -> torch.Tensor | None:
         logits = run_step(self.group, self.model, self.runners[engine], step, micro_batches)
         if engine == "prefill":   # every rank's KV is in the store before the leader commits
@@ -196,8 +201,16 @@ class LeaderCache:
         self.leader.rank.load_kv(src, dst)
 
     def load_block(self, block, dst: int) -> None:
-        raise ValueError("a TP/PP group takes KV hand-offs through the store's mapped pool "
-                         "(shm or cuda_ipc), not over tcp")
+        self.load_blocks(block.unsqueeze(0), [dst])
+
+    def load_blocks(self, blocks: torch.Tensor, dst: list[int]) -> None:
+        """A tcp hand-off: whole blocks [n, L, 2, bs, H, D] the leader read over the wire
+        go to every rank in one broadcast; each copies its (layer, head) slice."""
+        blocks = blocks.contiguous()
+        self.leader.group.send_command(LoadBlocks([int(d) for d in dst], list(blocks.shape),
+                                                  str(blocks.dtype).replace("torch.", "")))
+        self.leader.group.broadcast_bytes(blocks)
+        self.leader.rank.load_blocks(blocks, dst)
 
 
 class GroupLeader:
@@ -290,6 +303,9 @@ def follow(rank: RankState) -> str:
             rank.step(cmd.engine, _step_inputs(cmd), cmd.micro_batches)
         elif isinstance(cmd, LoadKV):
             rank.load_kv(cmd.src, cmd.dst)
+        elif isinstance(cmd, LoadBlocks):
+            blocks = torch.empty(cmd.shape, dtype=getattr(torch, cmd.dtype))
+            rank.load_blocks(group.broadcast_bytes(blocks), cmd.dst)
         elif isinstance(cmd, AttachPool):
             rank.attach(msgspec.msgpack.decode(cmd.info, type=P.KVPoolInfo))
         elif isinstance(cmd, Stop):

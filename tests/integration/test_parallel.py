@@ -162,7 +162,11 @@ def colocated_text(tiny_chat, tmp_path_factory):
     {"prefill_tp": 2},                     # prefill TP=2 -> decode TP=1
     {"decode_pp": 2},                      # prefill TP=1 -> decode PP=2
     {"prefill_pp": 2, "decode_tp": 2},     # prefill PP=2 -> decode TP=2
-], ids=["prefill-tp2-to-decode-tp1", "prefill-tp1-to-decode-pp2", "prefill-pp2-to-decode-tp2"])
+    # --kv-transport tcp: the decode group never maps the pool; its leader reads the blocks
+    # over the wire (as on another host) and broadcasts them, each rank keeps its slice
+    {"prefill_tp": 2, "decode_pp": 2, "decode_tp": 2, "kv_transport": "tcp"},
+], ids=["prefill-tp2-to-decode-tp1", "prefill-tp1-to-decode-pp2", "prefill-pp2-to-decode-tp2",
+        "prefill-tp2-to-decode-tp2xpp2-over-tcp"])
 def test_heterogeneous_handoff_gives_colocated_text(tiny_chat, colocated_text, tmp_path, shape):
     mesh = start_mesh(tiny_chat, tmp_path, prefill=1, decode=1, **shape)
     try:
