@@ -21,7 +21,7 @@ log = logging.getLogger("duet.kernels")
 
 _SOURCES = [Path(__file__).parent / "cpu" / name
             for name in ("bindings.cpp", "paged_decode.cpp", "fused.cpp", "linear.cpp",
-                          "decode_stack.cpp")]
+                          "decode_stack.cpp", "huffman.cpp")]
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None

@@ -28,6 +28,45 @@ def model_prepare(name):
     click.echo(prepare_model(name))
 
 
+@model.command("compress")
+@click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--dtype", "cast", default=None, type=click.Choice(["bfloat16"]),
+              help="cast floating tensors first (an fp32 checkpoint served in bf16)")
+def model_compress(src_dir, out_dir, cast):
+    """Losslessly compress a checkpoint's bf16 tensors (entropy-coded exponents)."""
+    import torch
+    from shared import compress
+    try:
+        sizes = compress.compress_dir(
+            src_dir, out_dir, cast=torch.bfloat16 if cast else None,
+            progress_factory=lambda n: click.progressbar(length=n, label="compressing",
+                                                         file=sys.stderr))
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e))
+    orig = sum(a for a, _ in sizes.values())
+    stored = sum(b for _, b in sizes.values())
+    click.echo(f"{len(sizes)} tensors, {orig / 1e6:.1f} MB -> {stored / 1e6:.1f} MB "
+               f"({100 * stored / orig:.1f}% of {'bf16' if cast else 'the original'}) in {out_dir}")
+
+
+@model.command("inspect")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+def model_inspect(model_dir):
+    """Per-tensor size of a compressed checkpoint, as a share of the original."""
+    from shared import compress
+    try:
+        rows = compress.inspect_dir(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e))
+    for r in rows:
+        click.echo(f"{r['name']:<52} {r['dtype']:<9} {str(tuple(r['shape'])):<14} "
+                   f"{'coded' if r['coded'] else 'raw  '} {100 * r['share']:6.1f}%")
+    orig = sum(r["bytes"] for r in rows)
+    stored = sum(r["stored"] for r in rows)
+    click.echo(f"total: {orig / 1e6:.1f} MB -> {stored / 1e6:.1f} MB ({100 * stored / orig:.1f}%)")
+
+
 def _engine(model_name, dtype, **kw):
     from shared.config import EngineConfig
     from shared.engine.engine import LLMEngine

@@ -16,6 +16,11 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t N,
                        const c10::optional<at::Tensor>& bias);
 
 void bind_decode_stack(pybind11::module& m);
+std::tuple<at::Tensor, at::Tensor> huff_encode(const at::Tensor& sym, const at::Tensor& codes,
+                                               const at::Tensor& lens, int64_t tile);
+at::Tensor huff_decode_bf16(const at::Tensor& words, const at::Tensor& offsets,
+                            const at::Tensor& lut, int64_t max_len, const at::Tensor& mant,
+                            int64_t tile);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention");
@@ -28,4 +33,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x @ W^T (+ bias), bf16, batch-invariant",
         py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("bias") = py::none());
   bind_decode_stack(m);
+  m.def("huff_encode", &huff_encode, "canonical Huffman, tiled, MSB-first 32-bit words");
+  m.def("huff_decode_bf16", &huff_decode_bf16, "exponent stream + mantissa plane -> bf16 bits");
 }

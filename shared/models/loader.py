@@ -52,8 +52,14 @@ def read_checkpoint(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in model directory {str(path)!r}")
+    from shared import compress
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
+        meta = compress.file_metadata(f)
+        if meta is not None:   # a compressed checkpoint (duet model compress): decoded here
+            tensors.update((k, v) for k, v in compress.read_compressed(f, meta).items()
+                           if not k.endswith(_IGNORED_SUFFIXES))
+            continue
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
                 if not name.endswith(_IGNORED_SUFFIXES):

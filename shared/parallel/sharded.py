@@ -129,8 +129,19 @@ class _Reader:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in model directory {str(path)!r}")
+        from shared import compress
         self.where: dict[str, tuple[Path, dict, int]] = {}
+        self.compressed: dict[str, tuple[Path, dict]] = {}   # name -> (file, its metadata)
         for f in files:
+            cmeta = compress.file_metadata(f)
+            if cmeta is not None:   # compressed: each tensor decoded whole, then sliced
+                for name, e in json.loads(cmeta["duet_tensors"]).items():
+                    if not name.endswith(_IGNORED_SUFFIXES):
+                        self.where[name] = (f, {"shape": e["shape"], "dtype": {
+                            "bfloat16": "BF16", "float32": "F32", "float16": "F16"}.get(
+                                e["dtype"], e["dtype"])}, 0)
+                        self.compressed[name] = (f, cmeta)
+                continue
             head, data = _header(f)
             for name, meta in head.items():
                 if not name.endswith(_IGNORED_SUFFIXES):
@@ -152,6 +163,15 @@ class _Reader:
                                  f"sharded loading reads {', '.join(_DTYPES)}")
 
     def _read(self, name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None):
+        if name in self.compressed:
+            from shared import compress
+            f, cmeta = self.compressed[name]
+            t = compress.read_compressed(f, cmeta, [name])[name]
+            if rows is not None:
+                t = t[rows[0]:rows[1]]
+            if cols is not None:
+                t = t[:, cols[0]:cols[1]]
+            return t.clone()
         f, meta, data = self.where[name]
         np_dtype, torch_dtype = _DTYPES[meta["dtype"]]
         shape = list(meta["shape"])

@@ -1,0 +1,186 @@
+// The bf16 exponent coder of Duet's compressed checkpoints (shared/compress.py): canonical
+// Huffman codes of at most 16 bits, MSB-first, in independent tiles of `tile` symbols, each
+// tile a whole number of 32-bit words, so tiles encode and decode in parallel.
+//   huff_encode(sym uint8 [n], codes int32 [256], lens uint8 [256], tile)
+//       -> (words int32 [total], offsets int64 [tiles + 1], in words)
+//   huff_decode_bf16(words, offsets, lut int32 [1 << max_len] (symbol | length << 8),
+//                    max_len, mant uint8 [n], tile) -> bf16 bits int16 [n]
+//       bits = (mant & 0x80) << 8 | exponent << 7 | (mant & 0x7f)
+// A tile that reads past its words, or meets a bit pattern no code starts with, is an
+// error naming the tile (a truncated or corrupted stream), never garbage.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+std::tuple<at::Tensor, at::Tensor> huff_encode(const at::Tensor& sym, const at::Tensor& codes,
+                                               const at::Tensor& lens, int64_t tile) {
+  TORCH_CHECK(sym.scalar_type() == at::kByte && sym.dim() == 1 && sym.is_contiguous(),
+              "huff_encode: symbols must be contiguous uint8 [n]");
+  TORCH_CHECK(codes.scalar_type() == at::kInt && codes.numel() == 256 && codes.is_contiguous() &&
+                  lens.scalar_type() == at::kByte && lens.numel() == 256 && lens.is_contiguous(),
+              "huff_encode: codes int32 [256] and lens uint8 [256]");
+  TORCH_CHECK(tile > 0, "huff_encode: tile must be positive");
+  const int64_t n = sym.numel(), tiles = (n + tile - 1) / tile;
+  const uint8_t* s = sym.data_ptr<uint8_t>();
+  const uint32_t* c = reinterpret_cast<const uint32_t*>(codes.data_ptr<int32_t>());
+  const uint8_t* l = lens.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < 256; ++i) TORCH_CHECK(l[i] <= 16, "huff_encode: a code longer than 16");
+  auto offsets = at::zeros({tiles + 1}, at::kLong);
+  int64_t* off = offsets.data_ptr<int64_t>();
+  std::atomic<bool> missing{false};
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint64_t bits = 0;
+      const int64_t end = std::min(n, (t + 1) * tile);
+      for (int64_t i = t * tile; i < end; ++i) {
+        if (l[s[i]] == 0) missing = true;
+        bits += l[s[i]];
+      }
+      off[t + 1] = static_cast<int64_t>((bits + 31) / 32);
+    }
+  });
+  TORCH_CHECK(!missing, "huff_encode: a symbol without a code");
+  for (int64_t t = 0; t < tiles; ++t) off[t + 1] += off[t];
+  auto words = at::zeros({off[tiles]}, at::kInt);
+  uint32_t* w = reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>());
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint32_t* out = w + off[t];
+      uint64_t acc = 0;   // left-aligned pending bits
+      int have = 0;
+      const int64_t end = std::min(n, (t + 1) * tile);
+      for (int64_t i = t * tile; i < end; ++i) {
+        const int len = l[s[i]];
+        acc |= static_cast<uint64_t>(c[s[i]]) << (64 - have - len);
+        have += len;
+        if (have >= 32) {
+          *out++ = static_cast<uint32_t>(acc >> 32);
+          acc <<= 32;
+          have -= 32;
+        }
+      }
+      if (have > 0) *out++ = static_cast<uint32_t>(acc >> 32);
+    }
+  });
+  return {words, offsets};
+}
+
+at::Tensor huff_decode_bf16(const at::Tensor& words, const at::Tensor& offsets,
+                            const at::Tensor& lut, int64_t max_len, const at::Tensor& mant,
+                            int64_t tile) {
+  TORCH_CHECK(words.scalar_type() == at::kInt && words.dim() == 1 && words.is_contiguous(),
+              "huff_decode: words must be contiguous int32");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous(),
+              "huff_decode: offsets must be contiguous int64");
+  TORCH_CHECK(max_len >= 1 && max_len <= 16 && lut.scalar_type() == at::kInt &&
+                  lut.numel() == (int64_t{1} << max_len) && lut.is_contiguous(),
+              "huff_decode: lut must be int32 [1 << max_len], max_len in [1, 16]");
+  TORCH_CHECK(mant.scalar_type() == at::kByte && mant.dim() == 1 && mant.is_contiguous(),
+              "huff_decode: mantissas must be contiguous uint8 [n]");
+  TORCH_CHECK(tile > 0, "huff_decode: tile must be positive");
+  const int64_t n = mant.numel(), tiles = (n + tile - 1) / tile, nw = words.numel();
+  TORCH_CHECK(offsets.numel() == tiles + 1, "huff_decode: ", offsets.numel() - 1,
+              " tile offsets for ", tiles, " tiles of ", tile, " values");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0, "huff_decode: the first tile does not start at word 0");
+  for (int64_t t = 0; t < tiles; ++t)
+    TORCH_CHECK(off[t + 1] >= off[t] && off[t + 1] <= nw, "huff_decode: tile ", t,
+                " ends at word ", off[t + 1], " of a stream of ", nw,
+                " words (truncated or corrupt)");
+  auto out = at::empty({n}, at::kShort);
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
+  const int32_t* table = lut.data_ptr<int32_t>();
+  const uint8_t* m = mant.data_ptr<uint8_t>();
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<int16_t>());
+  std::atomic<int64_t> bad{-1};
+  const int shift = 64 - static_cast<int>(max_len);
+  // Four tiles decode at once, interleaved: each symbol's table lookup and shift depend on
+  // the one before it in the same stream, so one stream is bound by that latency; four
+  // independent ones could fill the pipeline (measured: no faster than one stream yet,
+  // ~0.5 GB/s of bf16 per core on this machine; something else bounds it).
+  constexpr int kWays = 4;
+  struct Stream {
+    const uint32_t* in;
+    int64_t count, pos, used;
+    uint64_t window;
+    int have;
+  };
+  auto open = [&](int64_t t) {
+    Stream st{w + off[t], off[t + 1] - off[t], 0, 0, 0, 0};
+    while (st.have <= 32 && st.pos < st.count) {
+      st.window |= static_cast<uint64_t>(st.in[st.pos++]) << (32 - st.have);
+      st.have += 32;
+    }
+    return st;
+  };
+  auto fail = [&](int64_t t) {
+    int64_t expected = -1;
+    bad.compare_exchange_strong(expected, t);
+  };
+  const int64_t groups = (tiles + kWays - 1) / kWays;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t first = g * kWays;
+      const bool whole = first + kWays <= tiles && (first + kWays) * tile <= n;
+      if (whole) {
+        Stream st[kWays];
+        for (int k = 0; k < kWays; ++k) st[k] = open(first + k);
+        bool ok = true;
+        for (int64_t i = 0; i < tile && ok; ++i) {
+          for (int k = 0; k < kWays; ++k) {
+            Stream& q = st[k];
+            const int32_t e = table[q.window >> shift];
+            const int len = e >> 8;
+            ok &= len != 0;
+            q.window <<= len;
+            q.have -= len;
+            q.used += len;
+            if (q.have <= 32 && q.pos < q.count) {
+              q.window |= static_cast<uint64_t>(q.in[q.pos++]) << (32 - q.have);
+              q.have += 32;
+            }
+            const int64_t at = (first + k) * tile + i;
+            const uint32_t mm = m[at];
+            o[at] = static_cast<uint16_t>(((mm & 0x80u) << 8) |
+                                          (static_cast<uint32_t>(e & 0xff) << 7) | (mm & 0x7fu));
+          }
+        }
+        for (int k = 0; k < kWays; ++k)
+          if (!ok || st[k].used > st[k].count * 32) fail(first + k);
+        continue;
+      }
+      for (int64_t t = first; t < std::min(tiles, first + kWays); ++t) {   // the ragged end
+        Stream q = open(t);
+        const int64_t end = std::min(n, (t + 1) * tile);
+        bool ok = true;
+        for (int64_t i = t * tile; i < end; ++i) {
+          const int32_t e = table[q.window >> shift];
+          const int len = e >> 8;
+          if (len == 0) {
+            ok = false;
+            break;
+          }
+          q.window <<= len;
+          q.have -= len;
+          q.used += len;
+          if (q.have <= 32 && q.pos < q.count) {
+            q.window |= static_cast<uint64_t>(q.in[q.pos++]) << (32 - q.have);
+            q.have += 32;
+          }
+          const uint32_t mm = m[i];
+          o[i] = static_cast<uint16_t>(((mm & 0x80u) << 8) |
+                                       (static_cast<uint32_t>(e & 0xff) << 7) | (mm & 0x7fu));
+        }
+        if (!ok || q.used > q.count * 32) fail(t);
+      }
+    }
+  });
+  TORCH_CHECK(bad.load() < 0, "huff_decode: tile ", bad.load(),
+              " does not decode (its bits run out or match no code: a truncated or corrupt "
+              "stream)");
+  return out;
+}
