@@ -115,14 +115,40 @@ def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode_bf16(t: torch.Tensor, tile: int = TILE, max_len: int = MAX_LEN) -> dict[str, torch.Tensor]:
-    """The four parts of one bf16 tensor."""
-    mod = _kernels()
+    """The four parts of one bf16 tensor (the C++ coder; numpy where it is not built)."""
     exp, mant = split_bf16(t)
     counts = np.bincount(exp.numpy(), minlength=256)
     lens = code_lengths(counts, max_len)
-    words, tiles = mod.huff_encode(exp, torch.from_numpy(canonical_codes(lens)),
-                                   torch.from_numpy(lens), tile)
+    codes = canonical_codes(lens)
+    from kernels import cpu_kernels
+    mod = cpu_kernels.load()
+    if mod is not None:
+        words, tiles = mod.huff_encode(exp, torch.from_numpy(codes), torch.from_numpy(lens), tile)
+    else:
+        words, tiles = _encode_numpy(exp.numpy(), codes, lens, tile, max_len)
     return {"mant": mant, "exp": words, "tiles": tiles, "lens": torch.from_numpy(lens)}
+
+
+def _encode_numpy(exp: np.ndarray, codes: np.ndarray, lens: np.ndarray, tile: int,
+                  max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ coder's output, vectorized in numpy (a machine without a compiler, e.g. a GPU
+    host): each symbol's bits land at its position in a bit array, which packbits turns
+    into the stream's bytes (the bits in order: the format's big-endian words)."""
+    n = exp.size
+    ln = lens[exp].astype(np.int64)
+    cd = codes[exp].astype(np.int64)
+    tiles = -(-n // tile)
+    which = np.arange(n, dtype=np.int64) // tile
+    bits = np.bincount(which, weights=ln, minlength=tiles).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum((bits + 31) // 32)]).astype(np.int64)
+    before = np.cumsum(ln) - ln                    # bits before each symbol, all tiles
+    pos = offsets[which] * 32 + before - before[::tile][which]
+    stream = np.zeros((int(offsets[-1]) + 2) * 32, dtype=np.uint8)
+    for j in range(max_len):
+        sel = ln > j
+        stream[pos[sel] + j] = (cd[sel] >> (ln[sel] - 1 - j)) & 1
+    words = np.packbits(stream).view(np.int32)
+    return torch.from_numpy(words.copy()), torch.from_numpy(offsets)
 
 
 def decode_bf16(parts: dict[str, torch.Tensor], shape, tile: int = TILE,

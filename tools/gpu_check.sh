@@ -85,6 +85,9 @@ step cuda_ipc 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rf
 # SmolLM2's tokenizer and config travel in .gpu_model/ (tools/gpu_wheels.sh puts them there)
 step mesh 200 "$PY" tools/gpu_check_mesh.py --tokenizer-dir .gpu_model \
     --json "$OUT_DIR/mesh.json" --table "$OUT_DIR/mesh_table.txt"
+# compressed weights: the Triton decoder, bit-exact and its TB/s beside a bf16 copy
+step compress_decode 60 "$PY" tools/gpu_check_compress.py --json "$OUT_DIR/compress.json" \
+    --table "$OUT_DIR/compress_decode_table.txt"
 # last: its config sweep takes whatever time is left (the default configs are measured first)
 step kernel_bench 150 "$PY" tools/gpu_check_kernels.py --json "$OUT_DIR/kernels.json" \
     --table "$OUT_DIR/kernel_bench_table.txt" --budget-s "$(bench_budget)"

@@ -170,10 +170,11 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             att, mlp = layer.self_attn, layer.mlp
             linears = (att.qkv_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if att.reduce is not None or mlp.reduce is not None or \
-                    any(getattr(lin, "kind", None) != "duet" or lin.bias is not None
-                        for lin in linears[1:]) or getattr(att.qkv_proj, "kind", None) != "duet":
-                return None
+            if att.reduce is not None or mlp.reduce is not None:
+                return None   # tensor parallel: the layer loop reduces between the halves
+            if any(getattr(lin, "kind", None) != "duet" for lin in linears) or \
+                    any(lin.bias is not None for lin in linears[1:]):
+                return None   # oneDNN-packed or plain linears, or a bias the stack has not
             layers.append((layer.input_layernorm.weight.detach(),
                            layer.post_attention_layernorm.weight.detach(),
                            att.qkv_proj.packed, att.qkv_proj.bias, att.o_proj.packed,

@@ -52,6 +52,18 @@ def test_round_trip_is_bit_exact(make):
     assert torch.equal(bits(round_trip(t)), bits(t))
 
 
+def test_the_numpy_coder_writes_the_cpp_coders_bytes():
+    from kernels import cpu_kernels
+    t = (torch.distributions.StudentT(3.0).sample((3 * 700 + 5,)) * 0.01).to(torch.bfloat16)
+    exp, _ = C.split_bf16(t)
+    lens = C.code_lengths(np.bincount(exp.numpy(), minlength=256))
+    codes = C.canonical_codes(lens)
+    words, tiles = C._encode_numpy(exp.numpy(), codes, lens, 700, C.MAX_LEN)
+    cw, ct = cpu_kernels.load().huff_encode(exp, torch.from_numpy(codes),
+                                             torch.from_numpy(lens), 700)
+    assert torch.equal(words, cw) and torch.equal(tiles, ct)
+
+
 def test_codes_respect_the_length_limit_and_fill_the_code_space():
     fib = [1, 1]
     while len(fib) < 40:
