@@ -44,15 +44,15 @@ def main() -> int:
                           / (w.numel() * 2), 4), "encode_s": round(encode_s, 2)}
     rows = []
     for block in (16, 32, 64):
-        out = huff_decode_bf16_triton(p["exp"], p["tiles"], table, C.MAX_LEN, p["mant"],
-                                      C.TILE, block=block)
+        out = huff_decode_bf16_triton(p["exp"], p["tiles"], table, C.MAX_LEN, p["raw"],
+                                      w.numel(), C.TILE, block=block)
         ok = torch.equal(out, want)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         iters = 10
         start.record()
         for _ in range(iters):
-            huff_decode_bf16_triton(p["exp"], p["tiles"], table, C.MAX_LEN, p["mant"], C.TILE,
-                                    block=block)
+            huff_decode_bf16_triton(p["exp"], p["tiles"], table, C.MAX_LEN, p["raw"],
+                                    w.numel(), C.TILE, block=block)
         end.record()
         torch.cuda.synchronize()
         ms = start.elapsed_time(end) / iters

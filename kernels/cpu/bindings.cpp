@@ -19,8 +19,8 @@ void bind_decode_stack(pybind11::module& m);
 std::tuple<at::Tensor, at::Tensor> huff_encode(const at::Tensor& sym, const at::Tensor& codes,
                                                const at::Tensor& lens, int64_t tile);
 at::Tensor huff_decode_bf16(const at::Tensor& words, const at::Tensor& offsets,
-                            const at::Tensor& lut, int64_t max_len, const at::Tensor& mant,
-                            int64_t tile);
+                            const at::Tensor& lut, int64_t max_len, const at::Tensor& raw,
+                            int64_t n, int64_t tile);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention");
@@ -34,5 +34,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("bias") = py::none());
   bind_decode_stack(m);
   m.def("huff_encode", &huff_encode, "canonical Huffman, tiled, MSB-first 32-bit words");
-  m.def("huff_decode_bf16", &huff_decode_bf16, "exponent stream + mantissa plane -> bf16 bits");
+  m.def("huff_decode_bf16", &huff_decode_bf16, "symbol stream + raw plane -> bf16 bits");
 }

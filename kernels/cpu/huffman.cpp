@@ -1,12 +1,16 @@
-// The bf16 exponent coder of Duet's compressed checkpoints (shared/compress.py): canonical
-// Huffman codes of at most 16 bits, MSB-first, in independent tiles of `tile` symbols, each
-// tile a whole number of 32-bit words stored big-endian (the bytes are the bits in order),
-// two zero words after the last tile, so tiles encode and decode in parallel.
-//   huff_encode(sym uint8 [n], codes int32 [256], lens uint8 [256], tile)
+// The entropy coder of Duet's compressed checkpoints (shared/compress.py). A bf16 value's
+// symbol is its exponent and its top two mantissa bits (10 bits: they are coded together,
+// which the mantissa's skew makes ~0.07 bits a value cheaper than the exponent alone); the
+// sign and the low five mantissa bits (6 bits) sit raw in a packed plane, four values in
+// three bytes. Canonical Huffman codes of at most 16 bits, MSB-first, in independent tiles
+// of `tile` symbols, each tile a whole number of 32-bit words stored big-endian (the bytes
+// are the bits in order), two zero words after the last tile: tiles encode and decode in
+// parallel.
+//   huff_encode(sym int16 [n] (< 1024), codes int32 [1024], lens uint8 [1024], tile)
 //       -> (words int32 [total], offsets int64 [tiles + 1], in words)
-//   huff_decode_bf16(words, offsets, lut int32 [1 << max_len] (symbol | length << 8),
-//                    max_len, mant uint8 [n], tile) -> bf16 bits int16 [n]
-//       bits = (mant & 0x80) << 8 | exponent << 7 | (mant & 0x7f)
+//   huff_decode_bf16(words, offsets, lut int32 [1 << max_len] (symbol | length << 16),
+//                    max_len, raw uint8 [3 * ceil(n / 4)], n, tile) -> bf16 bits int16 [n]
+//       bits = sign << 15 | symbol << 5 | low5, (sign, low5) = the value's 6 raw bits
 // A tile that reads past its words, or meets a bit pattern no code starts with, is an
 // error naming the tile (a truncated or corrupted stream), never garbage.
 #include <torch/extension.h>
@@ -22,6 +26,14 @@ namespace {
 // the stream's bytes are the code bits in order (each 32-bit word stored big-endian); the
 // decoder reads 8 bytes at any bit's byte, so KPadWords zero words follow the last tile
 constexpr int64_t kPadWords = 2;
+constexpr int64_t kSymbols = 1024;
+
+// value i's 6 raw bits (sign, low 5 mantissa bits): four values to three bytes, MSB-first
+inline uint32_t raw6(const uint8_t* raw, int64_t i) {
+  const uint8_t* g = raw + (i >> 2) * 3;
+  const uint32_t x = (static_cast<uint32_t>(g[0]) << 16) | (static_cast<uint32_t>(g[1]) << 8) | g[2];
+  return (x >> (18 - 6 * (i & 3))) & 63u;
+}
 
 inline uint64_t bits_at(const uint8_t* base, uint64_t bit) {
   uint64_t v;
@@ -32,17 +44,19 @@ inline uint64_t bits_at(const uint8_t* base, uint64_t bit) {
 
 std::tuple<at::Tensor, at::Tensor> huff_encode(const at::Tensor& sym, const at::Tensor& codes,
                                                const at::Tensor& lens, int64_t tile) {
-  TORCH_CHECK(sym.scalar_type() == at::kByte && sym.dim() == 1 && sym.is_contiguous(),
-              "huff_encode: symbols must be contiguous uint8 [n]");
-  TORCH_CHECK(codes.scalar_type() == at::kInt && codes.numel() == 256 && codes.is_contiguous() &&
-                  lens.scalar_type() == at::kByte && lens.numel() == 256 && lens.is_contiguous(),
-              "huff_encode: codes int32 [256] and lens uint8 [256]");
+  TORCH_CHECK(sym.scalar_type() == at::kShort && sym.dim() == 1 && sym.is_contiguous(),
+              "huff_encode: symbols must be contiguous int16 [n]");
+  TORCH_CHECK(codes.scalar_type() == at::kInt && codes.numel() == kSymbols &&
+                  codes.is_contiguous() && lens.scalar_type() == at::kByte &&
+                  lens.numel() == kSymbols && lens.is_contiguous(),
+              "huff_encode: codes int32 [1024] and lens uint8 [1024]");
   TORCH_CHECK(tile > 0, "huff_encode: tile must be positive");
   const int64_t n = sym.numel(), tiles = (n + tile - 1) / tile;
-  const uint8_t* s = sym.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(sym.data_ptr<int16_t>());
   const uint32_t* c = reinterpret_cast<const uint32_t*>(codes.data_ptr<int32_t>());
   const uint8_t* l = lens.data_ptr<uint8_t>();
-  for (int64_t i = 0; i < 256; ++i) TORCH_CHECK(l[i] <= 16, "huff_encode: a code longer than 16");
+  for (int64_t i = 0; i < kSymbols; ++i)
+    TORCH_CHECK(l[i] <= 16, "huff_encode: a code longer than 16");
   auto offsets = at::zeros({tiles + 1}, at::kLong);
   int64_t* off = offsets.data_ptr<int64_t>();
   std::atomic<bool> missing{false};
@@ -51,7 +65,10 @@ std::tuple<at::Tensor, at::Tensor> huff_encode(const at::Tensor& sym, const at::
       uint64_t bits = 0;
       const int64_t end = std::min(n, (t + 1) * tile);
       for (int64_t i = t * tile; i < end; ++i) {
-        if (l[s[i]] == 0) missing = true;
+        if (s[i] >= kSymbols || l[s[i]] == 0) {
+          missing = true;
+          break;
+        }
         bits += l[s[i]];
       }
       off[t + 1] = static_cast<int64_t>((bits + 31) / 32);
@@ -84,8 +101,8 @@ std::tuple<at::Tensor, at::Tensor> huff_encode(const at::Tensor& sym, const at::
 }
 
 at::Tensor huff_decode_bf16(const at::Tensor& words, const at::Tensor& offsets,
-                            const at::Tensor& lut, int64_t max_len, const at::Tensor& mant,
-                            int64_t tile) {
+                            const at::Tensor& lut, int64_t max_len, const at::Tensor& raw,
+                            int64_t n, int64_t tile) {
   TORCH_CHECK(words.scalar_type() == at::kInt && words.dim() == 1 && words.is_contiguous(),
               "huff_decode: words must be contiguous int32");
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous(),
@@ -93,10 +110,12 @@ at::Tensor huff_decode_bf16(const at::Tensor& words, const at::Tensor& offsets,
   TORCH_CHECK(max_len >= 1 && max_len <= 16 && lut.scalar_type() == at::kInt &&
                   lut.numel() == (int64_t{1} << max_len) && lut.is_contiguous(),
               "huff_decode: lut must be int32 [1 << max_len], max_len in [1, 16]");
-  TORCH_CHECK(mant.scalar_type() == at::kByte && mant.dim() == 1 && mant.is_contiguous(),
-              "huff_decode: mantissas must be contiguous uint8 [n]");
-  TORCH_CHECK(tile > 0, "huff_decode: tile must be positive");
-  const int64_t n = mant.numel(), tiles = (n + tile - 1) / tile, nw = words.numel();
+  TORCH_CHECK(tile > 0 && n >= 0, "huff_decode: tile must be positive, n not negative");
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 1 && raw.is_contiguous() &&
+                  raw.numel() == (n + 3) / 4 * 3,
+              "huff_decode: the raw plane has ", raw.numel(), " bytes; ", n, " values need ",
+              (n + 3) / 4 * 3);
+  const int64_t tiles = (n + tile - 1) / tile, nw = words.numel();
   TORCH_CHECK(offsets.numel() == tiles + 1, "huff_decode: ", offsets.numel() - 1,
               " tile offsets for ", tiles, " tiles of ", tile, " values");
   const int64_t* off = offsets.data_ptr<int64_t>();
@@ -111,7 +130,7 @@ at::Tensor huff_decode_bf16(const at::Tensor& words, const at::Tensor& offsets,
   auto out = at::empty({n}, at::kShort);
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(words.data_ptr<int32_t>());
   const int32_t* table = lut.data_ptr<int32_t>();
-  const uint8_t* m = mant.data_ptr<uint8_t>();
+  const uint8_t* m = raw.data_ptr<uint8_t>();
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<int16_t>());
   std::atomic<int64_t> bad{-1};
   const int shift = 64 - static_cast<int>(max_len);
@@ -119,10 +138,29 @@ at::Tensor huff_decode_bf16(const at::Tensor& words, const at::Tensor& offsets,
     int64_t expected = -1;
     bad.compare_exchange_strong(expected, t);
   };
+  // the symbol's bits first; the raw bits are merged in after, in a second pass over the
+  // same (cache-warm) values with no dependency between them
   auto emit = [&](int64_t at, int32_t e) {
-    const uint32_t mm = m[at];
-    o[at] = static_cast<uint16_t>(((mm & 0x80u) << 8) | (static_cast<uint32_t>(e & 0xff) << 7) |
-                                  (mm & 0x7fu));
+    o[at] = static_cast<uint16_t>(static_cast<uint32_t>(e & 0x3ff) << 5);
+  };
+  auto merge_raw = [&](int64_t lo, int64_t hi) {
+    int64_t i = lo;
+    for (; i < hi && (i & 3); ++i) {
+      const uint32_t r = raw6(m, i);
+      o[i] |= static_cast<uint16_t>(((r & 32u) << 10) | (r & 31u));
+    }
+    for (; i + 4 <= hi; i += 4) {   // four values from three bytes
+      const uint8_t* g = m + (i >> 2) * 3;
+      const uint32_t x = (static_cast<uint32_t>(g[0]) << 16) | (static_cast<uint32_t>(g[1]) << 8) | g[2];
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t r = (x >> (18 - 6 * k)) & 63u;
+        o[i + k] |= static_cast<uint16_t>(((r & 32u) << 10) | (r & 31u));
+      }
+    }
+    for (; i < hi; ++i) {
+      const uint32_t r = raw6(m, i);
+      o[i] |= static_cast<uint16_t>(((r & 32u) << 10) | (r & 31u));
+    }
   };
   // Each symbol: read 8 bytes at the bit position, look its code up, advance: no branch.
   // Four tiles at once, interleaved, so four independent lookup chains fill the pipeline
@@ -143,14 +181,15 @@ at::Tensor huff_decode_bf16(const at::Tensor& words, const at::Tensor& offsets,
         for (int64_t i = 0; i < tile; ++i) {
           for (int k = 0; k < kWays; ++k) {
             const int32_t e = table[bits_at(base[k], bit[k]) >> shift];
-            zero |= (e >> 8) == 0;
-            bit[k] += e >> 8;
+            zero |= (e >> 16) == 0;
+            bit[k] += e >> 16;
             emit((first + k) * tile + i, e);
           }
         }
         for (int k = 0; k < kWays; ++k)
           if (zero || bit[k] > static_cast<uint64_t>(off[first + k + 1] - off[first + k]) * 32)
             fail(first + k);
+        merge_raw(first * tile, (first + kWays) * tile);
         continue;
       }
       for (int64_t t = first; t < std::min(tiles, first + kWays); ++t) {   // the ragged end
@@ -159,14 +198,15 @@ at::Tensor huff_decode_bf16(const at::Tensor& words, const at::Tensor& offsets,
         bool ok = true;
         for (int64_t i = t * tile, end = std::min(n, (t + 1) * tile); i < end; ++i) {
           const int32_t e = table[bits_at(base, bit) >> shift];
-          if ((e >> 8) == 0) {
+          if ((e >> 16) == 0) {
             ok = false;
             break;
           }
-          bit += e >> 8;
+          bit += e >> 16;
           emit(i, e);
         }
         if (!ok || bit > static_cast<uint64_t>(off[t + 1] - off[t]) * 32) fail(t);
+        merge_raw(t * tile, std::min(n, (t + 1) * tile));
       }
     }
   });

@@ -33,7 +33,7 @@ def test_triton_decode_equals_the_cpu_codec(device, n, tile):
     parts = C.encode_bf16(t, tile=tile)
     table = C.decode_table(parts["lens"].numpy(), C.MAX_LEN)
     got = huff_decode_bf16_triton(*(parts[k].to(device) for k in ("exp", "tiles")),
-                                  table.to(device), C.MAX_LEN, parts["mant"].to(device), tile)
+                                  table.to(device), C.MAX_LEN, parts["raw"].to(device), n, tile)
     assert torch.equal(got.cpu(), t.view(torch.int16))
     from kernels import cpu_kernels
     if cpu_kernels.available():   # and the CPU codec's output, where it is built
@@ -51,7 +51,7 @@ def test_triton_decode_flags_a_corrupt_tile(device):
     words[lo:int(parts["tiles"][3])] = -1          # tile 2: all ones, longer than its words
     with pytest.raises(ValueError, match="tile 2 does not decode"):
         huff_decode_bf16_triton(words.to(device), parts["tiles"].to(device), table.to(device),
-                                C.MAX_LEN, parts["mant"].to(device), 64)
+                                C.MAX_LEN, parts["raw"].to(device), 256, 64)
     with pytest.raises(ValueError, match="truncated or corrupt"):
         huff_decode_bf16_triton(parts["exp"][:-3].to(device), parts["tiles"].to(device),
-                                table.to(device), C.MAX_LEN, parts["mant"].to(device), 64)
+                                table.to(device), C.MAX_LEN, parts["raw"].to(device), 256, 64)

@@ -55,11 +55,11 @@ def test_round_trip_is_bit_exact(make):
 def test_the_numpy_coder_writes_the_cpp_coders_bytes():
     from kernels import cpu_kernels
     t = (torch.distributions.StudentT(3.0).sample((3 * 700 + 5,)) * 0.01).to(torch.bfloat16)
-    exp, _ = C.split_bf16(t)
-    lens = C.code_lengths(np.bincount(exp.numpy(), minlength=256))
+    sym, _ = C.split_bf16(t)
+    lens = C.code_lengths(np.bincount(sym.numpy().astype(np.int64), minlength=C.SYMBOLS))
     codes = C.canonical_codes(lens)
-    words, tiles = C._encode_numpy(exp.numpy(), codes, lens, 700, C.MAX_LEN)
-    cw, ct = cpu_kernels.load().huff_encode(exp, torch.from_numpy(codes),
+    words, tiles = C._encode_numpy(sym.numpy().astype(np.int64), codes, lens, 700, C.MAX_LEN)
+    cw, ct = cpu_kernels.load().huff_encode(sym, torch.from_numpy(codes),
                                              torch.from_numpy(lens), 700)
     assert torch.equal(words, cw) and torch.equal(tiles, ct)
 
@@ -68,13 +68,13 @@ def test_codes_respect_the_length_limit_and_fill_the_code_space():
     fib = [1, 1]
     while len(fib) < 40:
         fib.append(fib[-1] + fib[-2])        # the counts that make Huffman codes longest
-    counts = np.zeros(256, dtype=np.int64)
+    counts = np.zeros(C.SYMBOLS, dtype=np.int64)
     counts[:40] = fib
     lens = C.code_lengths(counts, 12)
     assert lens.max() == 12 and (lens[:40] > 0).all() and (lens[40:] == 0).all()
     assert math.isclose(sum(2.0 ** -int(n) for n in lens if n), 1.0)
-    exps = np.repeat(np.arange(40, dtype=np.int32) + 80, np.minimum(fib, 5000))
-    t = torch.tensor(exps << 7).to(torch.int16).view(torch.bfloat16)
+    syms = np.repeat(np.arange(40, dtype=np.int32) + 320, np.minimum(fib, 5000))
+    t = torch.tensor(syms << 5).to(torch.int16).view(torch.bfloat16)
     assert torch.equal(bits(round_trip(t)), bits(t))
 
 
@@ -84,7 +84,7 @@ def test_gaussian_weights_compress_to_about_two_thirds():
     parts = C.encode_bf16(w)
     share = sum(p.numel() * p.element_size() for p in parts.values()) / (w.numel() * 2)
     bound = C.exponent_entropy_share(w)
-    assert bound < share < bound + 0.01 and share < 0.67
+    assert abs(share - bound) < 0.01 and share < 0.67   # near the exponent-only bound
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ NAME = "model.layers.1.mlp.gate_proj.weight"
                                                   t[f"{NAME}:duet.exp"][:-40].clone())),
      f"tensor '{NAME}': huff_decode: tile \\d+ ends at word \\d+ of a stream of \\d+ words "
      f"\\(truncated or corrupt\\)"),
-    (dict(change_tensors=lambda t: t[f"{NAME}:duet.mant"].__setitem__(77, 3)),
+    (dict(change_tensors=lambda t: t[f"{NAME}:duet.raw"].__setitem__(77, 3)),
      f"tensor '{NAME}' fails its checksum"),
     (dict(change_tensors=lambda t: t.pop(f"{NAME}:duet.lens")),
      f"tensor '{NAME}' is missing its part\\(s\\) {NAME}:duet.lens"),
