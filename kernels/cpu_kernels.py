@@ -22,6 +22,7 @@ log = logging.getLogger("duet.kernels")
 _SOURCES = [Path(__file__).parent / "cpu" / name
             for name in ("bindings.cpp", "paged_decode.cpp", "fused.cpp", "linear.cpp",
                           "decode_stack.cpp", "huffman.cpp")]
+_HEADERS = [Path(__file__).parent / "cpu" / "kernels.h"]   # copied and hashed, not compiled
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -32,7 +33,7 @@ def _build_dir() -> Path:
     # image build can compile these before Duet's other code is in (compose/Dockerfile)
     home = Path(os.environ.get("DUET_HOME", Path.home() / ".cache" / "duet"))
     key = hashlib.sha256()
-    for src in _SOURCES:
+    for src in _SOURCES + _HEADERS:
         key.update(src.read_bytes())
     key.update(torch.__version__.encode())
     try:
@@ -74,13 +75,14 @@ def _stable_sources(where: Path) -> list[str]:
     src = where / "src"
     src.mkdir(exist_ok=True)
     out = []
-    for s in _SOURCES:
+    for s in _SOURCES + _HEADERS:
         dst = src / s.name
         if not dst.is_file() or dst.read_bytes() != s.read_bytes():
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
             tmp.write_bytes(s.read_bytes())
             os.replace(tmp, dst)
-        out.append(str(dst))
+        if s.suffix == ".cpp":
+            out.append(str(dst))
     return out
 
 

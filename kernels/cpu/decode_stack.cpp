@@ -10,21 +10,11 @@
 //    gate_up packed, down packed), each packed by pack_bf16.
 // forward(x, residual or None, cos, sin, k_caches, v_caches, slot_block, slot_offset,
 //         block_tables, ctx_lens) -> (the last layer's addition, the residual stream before it)
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <cstring>
 #include <tuple>
 #include <vector>
-
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale);
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
-                                                const at::Tensor& w, double eps);
-at::Tensor silu_mul(const at::Tensor& x);
-void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t N,
-                       const c10::optional<at::Tensor>& bias);
 
 namespace {
 

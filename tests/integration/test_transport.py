@@ -197,13 +197,18 @@ def test_curve_admits_only_clients_with_keys(ctx, tmp_path):
     addr = t.endpoint(router)
 
     plain = t.connect_dealer(ctx, addr, "plain")
+    # a refused client's pipe may be torn down before its send: a DEALER with no pipe
+    # blocks, so these sends time out (send_msg then returns False) instead of hanging
+    plain.sndtimeo = 1000
     t.send_msg(plain, p.Ping(sender="plain"))
     stranger_keys = t.CurveConfig.from_dir(t.generate_keys(tmp_path / "other"), "client")
     stranger = t.CurveConfig(role="client", public_key=stranger_keys.public_key,
                              secret_key=stranger_keys.secret_key,
                              server_key=t.CurveConfig.from_dir(keys, "client").server_key,
                              key_dir=stranger_keys.key_dir)
-    t.send_msg(t.connect_dealer(ctx, addr, "stranger", curve=stranger), p.Ping(sender="stranger"))
+    unknown = t.connect_dealer(ctx, addr, "stranger", curve=stranger)
+    unknown.sndtimeo = 1000
+    t.send_msg(unknown, p.Ping(sender="stranger"))
     assert not router.poll(500)  # neither the keyless nor the unknown client got through
 
     member = t.connect_dealer(ctx, addr, "member", curve=t.CurveConfig.from_dir(keys, "client"))
