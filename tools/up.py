@@ -311,9 +311,20 @@ class Mesh:
 
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback (held open together while chosen: separate
+    free_port() calls may hand the same just-released port out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def start_mesh(model_dir, log_dir, **kw) -> Mesh:
@@ -323,9 +334,10 @@ def start_mesh(model_dir, log_dir, **kw) -> Mesh:
     kw.setdefault("kv_blocks", 512)
     kw.setdefault("worker_blocks", 512)
     kw.setdefault("heartbeat_s", 0.5)
-    kw.setdefault("admin_port", free_port())
-    kw.setdefault("supervisor_port", free_port())
-    mesh = Mesh(model=str(model_dir), port=free_port(), log_dir=str(log_dir), **kw)
+    port, admin, sup = free_ports(3)
+    kw.setdefault("admin_port", admin)
+    kw.setdefault("supervisor_port", sup)
+    mesh = Mesh(model=str(model_dir), port=port, log_dir=str(log_dir), **kw)
     try:
         mesh.start()
         mesh.wait_ready(timeout_s=180)
