@@ -17,7 +17,7 @@ over coding the exponent alone. Each bf16 tensor (of at least MIN_CODED values) 
 Every symbol a tensor holds gets a code (no escapes, no verbatim fallback). Other
 tensors (fp16, fp32, ints, small bf16) are stored as they are. The safetensors metadata
 holds the format name and version and, per tensor, its dtype, shape and the CRC-32 of its
-original bytes, checked after decoding. The coder is C++ (kernels/cpu/huffman.cpp).
+original bytes, checked after decoding. The coder is C++ (duet_kernels/cpu/huffman.cpp).
 
     duet model compress SRC_DIR OUT_DIR     (config, tokenizer and other files copied)
     duet model inspect DIR                  (per-tensor share of bf16)
@@ -50,7 +50,7 @@ class CompressedCheckpointError(ValueError):
 
 
 def _kernels():
-    from kernels import cpu_kernels
+    from duet_kernels import cpu_kernels
     mod = cpu_kernels.load()
     if mod is None:
         raise RuntimeError(f"compressed checkpoints need Duet's C++ CPU kernels, which are not "
@@ -133,7 +133,7 @@ def encode_bf16(t: torch.Tensor, tile: int = TILE, max_len: int = MAX_LEN) -> di
     counts = np.bincount(sym.numpy().astype(np.int64), minlength=SYMBOLS)
     lens = code_lengths(counts, max_len)
     codes = canonical_codes(lens)
-    from kernels import cpu_kernels
+    from duet_kernels import cpu_kernels
     mod = cpu_kernels.load()
     if mod is not None:
         words, tiles = mod.huff_encode(sym, torch.from_numpy(codes), torch.from_numpy(lens), tile)

@@ -66,5 +66,5 @@ def _threads():
 @pytest.fixture(autouse=True, scope="session")
 def _cpu_kernels():
     """Build the C++ CPU kernels once, up front, so the processes a test starts load them."""
-    from kernels import cpu_kernels
+    from duet_kernels import cpu_kernels
     cpu_kernels.load()

@@ -5,10 +5,10 @@
 1. bf16 linears: every linear of SmolLM2-135M's shape (30 layers of distinct random
    weights, qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536, lm_head 49152x576,
    269 MB: more than the caches hold, so each pass streams the weights from memory) through
-   oneDNN's prepacked GEMM (torch.ops.mkldnn) and Duet's kernel (kernels/cpu/linear.cpp),
+   oneDNN's prepacked GEMM (torch.ops.mkldnn) and Duet's kernel (duet_kernels/cpu/linear.cpp),
    at 1..256 rows.
 2. The engine's decode step on the real SmolLM2 (bf16): the fused decode stack
-   (kernels/cpu/decode_stack.cpp) against the layer-by-layer path (DUET_FUSED_DECODE=0), at
+   (duet_kernels/cpu/decode_stack.cpp) against the layer-by-layer path (DUET_FUSED_DECODE=0), at
    1, 8 and 32 streams, with the greedy tokens of both compared.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def timed(fn, reps: int) -> float:
 
 
 def bench_linears(rows: list[int]) -> list[dict]:
-    from kernels import cpu_kernels
+    from duet_kernels import cpu_kernels
     mod = cpu_kernels.load()
     if mod is None or not mod.linear_bf16_supported():
         raise SystemExit("Duet's bf16 linear needs AVX-512 BF16 and the C++ kernels")

@@ -1,5 +1,5 @@
 """GPU step of tools/gpu_check.sh: decode a compressed bf16 tensor with the Triton kernel
-(kernels/huffman_decode.py), check it bit for bit, and time it beside a plain bf16 copy.
+(duet_kernels/huffman_decode.py), check it bit for bit, and time it beside a plain bf16 copy.
 
     python tools/gpu_check_compress.py [--rows 4096 --cols 4096] [--json F] [--table F]
 
@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--table", default=None)
     a = ap.parse_args()
-    from kernels.huffman_decode import huff_decode_bf16_triton
+    from duet_kernels.huffman_decode import huff_decode_bf16_triton
     from shared import compress as C
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(0)

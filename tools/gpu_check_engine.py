@@ -241,7 +241,7 @@ def _handoff_reader(encoded: bytes, dst_order: list[int], iters: int, conn) -> N
     try:
         import msgspec
 
-        from kernels import unpack_kv
+        from duet_kernels import unpack_kv
         from shared import buffers
         from shared.buffers import cuda_ipc
         from shared.buffers.handle import BufferHandle
@@ -283,7 +283,7 @@ def check_handoff(iters: int) -> dict:
         raise RuntimeError("cupy is not installed: the cuda_ipc backend needs it (cupy-cuda12x/13x)")
     import msgspec
 
-    from kernels import unpack_kv
+    from duet_kernels import unpack_kv
     from shared.buffers import cuda_ipc
 
     s = HANDOFF_SHAPE

@@ -1,4 +1,4 @@
-"""GPU check for kernels/: the card's baselines, then kernel throughput against them.
+"""GPU check for duet_kernels/: the card's baselines, then kernel throughput against them.
 
 Measures, in one process on one card: device-to-device copy bandwidth (1 GiB torch copy)
 and bf16 matmul TFLOP/s as baselines; paged_decode_attention at batch 64, context 4096,
@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import (pack_kv, paged_decode_attention_ref, paged_decode_attention_triton,  # noqa: E402
+from duet_kernels import (pack_kv, paged_decode_attention_ref, paged_decode_attention_triton,  # noqa: E402
                      prefill_attention_triton, unpack_kv)
-from kernels.attention_decode import _choose_splits  # noqa: E402
+from duet_kernels.attention_decode import _choose_splits  # noqa: E402
 
 DECODE_SHAPES = [("smollm2", 9, 3, 64), ("llama8b", 32, 8, 128)]
 BATCH, CONTEXT, PAGE = 64, 4096, 16

@@ -157,7 +157,7 @@ class Mesh:
         from shared.models.hub import resolve_model
         model_dir = str(resolve_model(self.model))      # convert once, before the children
         if self.device == "cpu":
-            from kernels import cpu_kernels
+            from duet_kernels import cpu_kernels
             cpu_kernels.load()                           # build once, before the workers
         dtype = EngineConfig(dtype=self.dtype, device=self.device).resolved_dtype()
         gpus = [f"cuda:{p.strip()}" for p in (self.devices or "0").split(",")]

@@ -1,8 +1,8 @@
-"""Paged attention in plain torch: the CPU path (CUDA uses kernels/ via the runner).
+"""Paged attention in plain torch: the CPU path (CUDA uses duet_kernels/ via the runner).
 
 One step's tokens are packed; sequences are grouped by kind so decode tokens (one query
 each) are not padded to prefill chunk lengths:
-  - decode group: kernels/cpu/paged_decode.cpp reads each sequence's K/V straight from
+  - decode group: duet_kernels/cpu/paged_decode.cpp reads each sequence's K/V straight from
     its cache blocks (fp32 softmax and sums, independent of the batch); its torch
     reference, where the kernel cannot be built, gathers the blocks and runs two matmuls.
   - prefill group: each sequence's K/V gathered through slot indices, one batched SDPA
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_kernels
+from duet_kernels import cpu_kernels
 
 
 @dataclass
@@ -131,7 +131,7 @@ class TorchPagedAttention:
     def decode_only_inputs(self, layers: list[int]):
         """(K caches, V caches, slot_block, slot_offset, block_tables, ctx_lens) of `layers`
         when every sequence of this step decodes one token (then token b is sequence b), the
-        inputs of the fused decode stack (kernels/cpu/decode_stack.cpp); else None."""
+        inputs of the fused decode stack (duet_kernels/cpu/decode_stack.cpp); else None."""
         m = self.meta
         if m.prefill is not None or m.decode is None:
             return None

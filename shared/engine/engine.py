@@ -62,7 +62,7 @@ class LLMEngine:
         if model.device.type == "cpu":
             # built (or loaded) now, not inside the first step: a fresh build takes a minute,
             # which a worker's first step must not (the gateway would call it stuck)
-            from kernels import cpu_kernels
+            from duet_kernels import cpu_kernels
             cpu_kernels.load()
         self.runner = runner or build_runner(model, kv_cache, config, self.max_model_len)
         self.group = getattr(runner, "leader", None)   # the GroupLeader of a TP/PP group
@@ -244,7 +244,7 @@ def build_runner(model: LlamaForCausalLM, kv_cache, config: EngineConfig,
     unless enforce_eager, else an eager ModelRunner with the resolved backend."""
     backend = config.resolved_attention_backend()
     if backend == "triton" and config.device.startswith("cuda"):
-        from kernels._dispatch import HAS_TRITON
+        from duet_kernels._dispatch import HAS_TRITON
         if not HAS_TRITON:
             raise RuntimeError("attention_backend='triton' on CUDA needs the triton package "
                                "(pip install triton), or choose attention_backend='torch'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.kv_pack import unpack_kv_ref, unpack_kv_triton
+from duet_kernels.kv_pack import unpack_kv_ref, unpack_kv_triton
 from shared.models.config import ModelConfig
 
 

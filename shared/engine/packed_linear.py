@@ -1,7 +1,7 @@
 """bf16 linears with their weights prepacked once at load, on CPUs with AVX-512 BF16.
 
 Two packings, same contract (a row's result never depends on the rows beside it):
-- Duet's own kernel (kernels/cpu/linear.cpp) where the C++ kernels are built: weights in
+- Duet's own kernel (duet_kernels/cpu/linear.cpp) where the C++ kernels are built: weights in
   blocks of 32 outputs streamed sequentially, one fp32 accumulator per output over k-pairs
   in a fixed order. At batch 1 all of SmolLM2's linears and its lm_head take 11.1 ms on this
   2-core machine, 24 GB/s (the weight-streaming floor), against 16.7 ms through oneDNN;
@@ -19,7 +19,7 @@ BATCH_HINT = 64   # oneDNN's packing hint; measured no slower at batch 1 than hi
 
 
 def _own_kernel():
-    from kernels import cpu_kernels
+    from duet_kernels import cpu_kernels
     mod = cpu_kernels.load()
     return mod if mod is not None and mod.linear_bf16_supported() else None
 

@@ -1,4 +1,4 @@
-"""Paged attention through the Triton kernels in kernels/: the CUDA path.
+"""Paged attention through the Triton kernels in duet_kernels/: the CUDA path.
 
 Same callable protocol as TorchPagedAttention: `(layer, q, k, v) -> out` writes this
 step's K/V into the cache (`write_kv`), then attends. A decode-only step (one new token
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels import paged_decode_attention, prefill_attention, write_kv
+from duet_kernels import paged_decode_attention, prefill_attention, write_kv
 
 
 @dataclass

@@ -154,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm.add_forward(x, residual)[0]
 
     def decode_stack(self):
-        """The fused decode stack (kernels/cpu/decode_stack.cpp: every layer of a
+        """The fused decode stack (duet_kernels/cpu/decode_stack.cpp: every layer of a
         decode-only step in one C++ call, bit-identical to the layer-by-layer path) where it
         applies: bf16 on the CPU with Duet's packed linears, no tensor-parallel reduce, the
         C++ kernels built, DUET_FUSED_DECODE not 0. None elsewhere."""

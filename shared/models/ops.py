@@ -1,12 +1,12 @@
 """The model's elementwise building blocks, each one call: the fused CPU kernel
-(kernels/cpu/fused.cpp) where it is built and the tensor is on the CPU, else its torch
+(duet_kernels/cpu/fused.cpp) where it is built and the tensor is on the CPU, else its torch
 reference (CUDA, or a machine without a compiler). On bf16 the two agree bit for bit; on
 fp32 they differ by an ulp inside the reductions (RMSNorm's mean) and exp (SiLU)."""
 from __future__ import annotations
 
 import torch
 
-from kernels import cpu_kernels as K
+from duet_kernels import cpu_kernels as K
 
 
 def _fused(x: torch.Tensor):

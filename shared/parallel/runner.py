@@ -341,7 +341,7 @@ def build_rank(config: EngineConfig, tp: int, pp: int, rank: int, timeout_s: flo
         from shared.engine.packed_linear import pack_linears
         pack_linears(model)
         if config.device == "cpu":
-            from kernels import cpu_kernels
+            from duet_kernels import cpu_kernels
             cpu_kernels.load()
         log.info("%s of tp=%d pp=%d ready", shard.describe(), tp, pp)
         return RankState(group, model, config)

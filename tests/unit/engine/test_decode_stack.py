@@ -1,4 +1,4 @@
-"""The fused decode stack (kernels/cpu/decode_stack.cpp): every layer of a decode-only
+"""The fused decode stack (duet_kernels/cpu/decode_stack.cpp): every layer of a decode-only
 step in one C++ call gives the layer-by-layer path's hidden states and K/V bit for bit."""
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import cpu_kernels
+from duet_kernels import cpu_kernels
 from shared.engine.packed_linear import PackedLinear, can_pack, pack_linears
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels._dispatch import interpret_mode
+from duet_kernels._dispatch import interpret_mode
 from shared.config import EngineConfig
 from shared.engine.cuda_graphs import (CudaGraphRunner, DecodeBuffers, PrefillBuffers,
                                        fill_decode_inputs, fill_prefill_inputs, graph_buckets,
@@ -204,8 +204,8 @@ class _HostSyncs(TorchDispatchMode):
 def test_captured_decode_step_is_graph_safe(tiny, monkeypatch):
     """What a CUDA graph captures must not read device values on the host, and every
     launch grid must follow from shapes alone (a replay reuses the captured grids)."""
-    import kernels.attention_decode as dec
-    import kernels.kv_write as kvw
+    import duet_kernels.attention_decode as dec
+    import duet_kernels.kv_write as kvw
     launches = {"split": _Launches(), "reduce": _Launches(), "write": _Launches()}
     monkeypatch.setattr(dec, "_decode_split_kernel", launches["split"])
     monkeypatch.setattr(dec, "_decode_reduce_kernel", launches["reduce"])
@@ -233,8 +233,8 @@ def test_captured_decode_step_is_graph_safe(tiny, monkeypatch):
 def test_captured_prefill_step_is_graph_safe(tiny, monkeypatch):
     """The same for a prefill bucket: grids follow from the bucket (tokens, sequence
     slots) alone, whatever the query ranges and context lengths inside it."""
-    import kernels.attention_prefill as pre
-    import kernels.kv_write as kvw
+    import duet_kernels.attention_prefill as pre
+    import duet_kernels.kv_write as kvw
     launches = {"prefill": _Launches(), "write": _Launches()}
     monkeypatch.setattr(pre, "_prefill_kernel", launches["prefill"])
     monkeypatch.setattr(kvw, "_write_kv_kernel", launches["write"])

@@ -14,8 +14,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels
-from kernels import activation, attention_decode, attention_prefill, kv_pack, kv_write, rmsnorm, rotary
+import duet_kernels
+from duet_kernels import activation, attention_decode, attention_prefill, kv_pack, kv_write, rmsnorm, rotary
 
 H100 = GPUTarget("cuda", 90, 32)
 MAX_SMEM = 232448  # bytes of shared memory one H100 block may use
@@ -70,19 +70,19 @@ def _all_kernels(dt, Hq, Hkv, D, hidden, inter):
     q = torch.zeros(4, Hq, D, dtype=dt)
     kc = torch.zeros(32, bs, Hkv, D, dtype=dt)
     bt, ctx = torch.zeros(4, 8, dtype=torch.int32), torch.zeros(4, dtype=torch.int32)
-    kernels.paged_decode_attention_triton(q, kc, kc, bt, ctx, 0.1)
-    kernels.paged_decode_attention_triton(q, kc, kc, bt, ctx, 0.1, block_n=128, num_warps=8, num_stages=3)
-    kernels.prefill_attention_triton(q, kc, kc, bt, torch.zeros(5, dtype=torch.int32), ctx, 0.1)
-    kernels.write_kv_triton(q[:, :Hkv], q[:, :Hkv], kc, kc, torch.zeros(4, dtype=torch.int64))
+    duet_kernels.paged_decode_attention_triton(q, kc, kc, bt, ctx, 0.1)
+    duet_kernels.paged_decode_attention_triton(q, kc, kc, bt, ctx, 0.1, block_n=128, num_warps=8, num_stages=3)
+    duet_kernels.prefill_attention_triton(q, kc, kc, bt, torch.zeros(5, dtype=torch.int32), ctx, 0.1)
+    duet_kernels.write_kv_triton(q[:, :Hkv], q[:, :Hkv], kc, kc, torch.zeros(4, dtype=torch.int64))
     cache = torch.zeros(2, 2, 4, bs, Hkv, D, dtype=dt)
     store = torch.zeros(4, 3, 2, bs, 2 * Hkv, D, dtype=dt)
-    kernels.pack_kv_triton(cache, store, [0], [1], 1, Hkv)
-    kernels.unpack_kv_triton(store, cache, [0], [1], 1, Hkv)
+    duet_kernels.pack_kv_triton(cache, store, [0], [1], 1, Hkv)
+    duet_kernels.unpack_kv_triton(store, cache, [0], [1], 1, Hkv)
     x = torch.zeros(4, hidden, dtype=dt)
-    kernels.fused_add_rmsnorm_triton(x, x, torch.zeros(hidden, dtype=dt), 1e-5)
-    kernels.fused_add_rmsnorm_triton(x, None, torch.zeros(hidden, dtype=dt), 1e-5)
-    kernels.rope_triton(torch.zeros(4, dtype=torch.int64), q, q[:, :Hkv], torch.zeros(64, D))
-    kernels.silu_and_mul_triton(torch.zeros(4, 2 * inter, dtype=dt))
+    duet_kernels.fused_add_rmsnorm_triton(x, x, torch.zeros(hidden, dtype=dt), 1e-5)
+    duet_kernels.fused_add_rmsnorm_triton(x, None, torch.zeros(hidden, dtype=dt), 1e-5)
+    duet_kernels.rope_triton(torch.zeros(4, dtype=torch.int64), q, q[:, :Hkv], torch.zeros(64, D))
+    duet_kernels.silu_and_mul_triton(torch.zeros(4, 2 * inter, dtype=dt))
 
 
 def main() -> int:

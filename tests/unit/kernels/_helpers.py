@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from kernels._dispatch import interpret_mode
+from duet_kernels._dispatch import interpret_mode
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -51,7 +51,7 @@ def check_backend(device: str) -> None:
     """
     import triton.language as tl
 
-    from kernels.activation import _silu_and_mul_kernel
+    from duet_kernels.activation import _silu_and_mul_kernel
     interpreted = all(type(f).__name__ == "InterpretedFunction" for f in (tl.max, _silu_and_mul_kernel))
     if device == "cpu" and not interpreted:
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; put "

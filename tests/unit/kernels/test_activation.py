@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref, silu_and_mul_triton
+from duet_kernels.activation import silu_and_mul, silu_and_mul_ref, silu_and_mul_triton
 
 from ._helpers import ELEM_TOL, cases, check_backend, poisoned
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from kernels.attention_prefill import prefill_attention, prefill_attention_ref, prefill_attention_triton
+from duet_kernels.attention_prefill import prefill_attention, prefill_attention_ref, prefill_attention_triton
 
 from ._helpers import ATTN_TOL, cases, check_backend, dense_kv, naive_attention, paged_kv, poisoned, requires_cuda
 

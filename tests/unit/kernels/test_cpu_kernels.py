@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from kernels import cpu_kernels as K
+from duet_kernels import cpu_kernels as K
 
 if os.environ.get("DUET_REQUIRE_CPU_KERNELS") == "1" and not K.available():
     raise RuntimeError(f"DUET_REQUIRE_CPU_KERNELS=1 but the CPU kernels did not build: {K._failed}")

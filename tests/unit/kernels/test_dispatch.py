@@ -5,8 +5,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; gpu
 import pytest
 import torch
 
-import kernels.activation as act
-from kernels._dispatch import use_triton
+import duet_kernels.activation as act
+from duet_kernels._dispatch import use_triton
 
 from ._helpers import check_backend
 

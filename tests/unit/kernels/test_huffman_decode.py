@@ -5,11 +5,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; gpu
 import pytest
 import torch
 
-from kernels.huffman_decode import huff_decode_bf16_triton
+from duet_kernels.huffman_decode import huff_decode_bf16_triton
 from shared import compress as C
 
 from ._helpers import HAS_CUDA, check_backend, requires_cuda
-from kernels._dispatch import interpret_mode
+from duet_kernels._dispatch import interpret_mode
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not interpret_mode(),
                                                         reason="CPU needs TRITON_INTERPRET=1")),
@@ -35,7 +35,7 @@ def test_triton_decode_equals_the_cpu_codec(device, n, tile):
     got = huff_decode_bf16_triton(*(parts[k].to(device) for k in ("exp", "tiles")),
                                   table.to(device), C.MAX_LEN, parts["raw"].to(device), n, tile)
     assert torch.equal(got.cpu(), t.view(torch.int16))
-    from kernels import cpu_kernels
+    from duet_kernels import cpu_kernels
     if cpu_kernels.available():   # and the CPU codec's output, where it is built
         assert torch.equal(got.cpu(), C.decode_bf16(parts, t.shape, tile=tile).view(torch.int16))
 

@@ -5,7 +5,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; gpu
 import pytest
 import torch
 
-from kernels.kv_write import write_kv, write_kv_ref, write_kv_triton
+from duet_kernels.kv_write import write_kv, write_kv_ref, write_kv_triton
 
 from ._helpers import cases, check_backend
 

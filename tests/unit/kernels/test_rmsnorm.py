@@ -5,7 +5,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; gpu
 import pytest
 import torch
 
-from kernels.rmsnorm import fused_add_rmsnorm_ref, fused_add_rmsnorm_triton
+from duet_kernels.rmsnorm import fused_add_rmsnorm_ref, fused_add_rmsnorm_triton
 
 from ._helpers import ELEM_TOL, cases, check_backend
 

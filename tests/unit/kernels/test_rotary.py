@@ -5,7 +5,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; gpu
 import pytest
 import torch
 
-from kernels.rotary import build_cos_sin_cache, rope_ref, rope_triton
+from duet_kernels.rotary import build_cos_sin_cache, rope_ref, rope_triton
 
 from ._helpers import ELEM_TOL, cases, check_backend
 

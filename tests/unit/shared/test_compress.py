@@ -53,7 +53,7 @@ def test_round_trip_is_bit_exact(make):
 
 
 def test_the_numpy_coder_writes_the_cpp_coders_bytes():
-    from kernels import cpu_kernels
+    from duet_kernels import cpu_kernels
     t = (torch.distributions.StudentT(3.0).sample((3 * 700 + 5,)) * 0.01).to(torch.bfloat16)
     sym, _ = C.split_bf16(t)
     lens = C.code_lengths(np.bincount(sym.numpy().astype(np.int64), minlength=C.SYMBOLS))

@@ -1,4 +1,4 @@
-"""CPU kernels in C++ (kernels/cpu/*.cpp), each beside its torch reference.
+"""CPU kernels in C++ (duet_kernels/cpu/*.cpp), each beside its torch reference.
 
 They are built once per machine with the system compiler (-O3 -march=native, OpenMP
 through ATen's parallel_for) into $DUET_HOME/build, keyed by a hash of the sources, the
@@ -120,7 +120,7 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, ctx_lens, scale):
     return torch.matmul(scores.softmax(-1), vals).reshape(B, Hq, D).to(q.dtype)
 
 
-# -- fused elementwise ops (kernels/cpu/fused.cpp), each with its torch reference -----------
+# -- fused elementwise ops (duet_kernels/cpu/fused.cpp), each with its torch reference -----------
 
 def rms_norm_ref(x, w, eps):
     h = x.float()

@@ -1,4 +1,4 @@
-// The Python module of the CPU kernels (kernels/cpu_kernels.py builds and loads it).
+// The Python module of the CPU kernels (duet_kernels/cpu_kernels.py builds and loads it).
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
