@@ -55,8 +55,9 @@ class EngineConfig:
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
             return self.dtype
-        # bf16 on CUDA. On CPU, bf16 GEMMs win big only with AMX / AVX512-BF16 (measured by
-        # tools/bench_engine.py: ~3x prefill, ~2.8x batched decode); elsewhere fp32.
+        # bf16 on CUDA, and on CPUs Duet's bf16 linear runs on (AVX-512 BF16, or AVX2 with
+        # FMA: half the weight bytes of fp32 to stream, `python tools/bench_linear.py`);
+        # fp32 elsewhere.
         if self.device.startswith("cuda") or cpu_has_fast_bf16():
             return "bfloat16"
         return "float32"
@@ -74,10 +75,20 @@ class EngineConfig:
                 and self.resolved_attention_backend() == "triton")
 
 
-def cpu_has_fast_bf16() -> bool:
+def cpu_bf16_isa() -> str:
+    """Which instruction set a bf16 linear on this CPU runs on: 'avx512_bf16' (AMX CPUs
+    have it too), 'avx2_fma' (bf16 widened to fp32, then FMA), or '' (none fast)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            flags = set(f.read().split())
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return ""
+    if "amx_bf16" in flags or "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if {"avx2", "fma"} <= flags:
+        return "avx2_fma"
+    return ""
+
+
+def cpu_has_fast_bf16() -> bool:
+    return cpu_bf16_isa() != ""

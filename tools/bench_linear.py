@@ -37,7 +37,7 @@ def bench_linears(rows: list[int]) -> list[dict]:
     from duet_kernels import cpu_kernels
     mod = cpu_kernels.load()
     if mod is None or not mod.linear_bf16_supported():
-        raise SystemExit("Duet's bf16 linear needs AVX-512 BF16 and the C++ kernels")
+        raise SystemExit("Duet's bf16 linear needs AVX-512 BF16 or AVX2+FMA, and the C++ kernels")
     torch.manual_seed(0)
     ws = [torch.randn(n, k).to(torch.bfloat16) for _ in range(30) for n, k in SHAPES]
     ws.append(torch.randn(*LM_HEAD).to(torch.bfloat16))

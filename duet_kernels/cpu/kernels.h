@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <string>
 #include <tuple>
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -14,6 +15,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 at::Tensor silu_mul(const at::Tensor& x);
 void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 bool linear_bf16_supported();
+std::string linear_bf16_isa();
 at::Tensor pack_bf16(const at::Tensor& w);
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t N,
                        const c10::optional<at::Tensor>& bias);

@@ -1,11 +1,10 @@
-"""bf16 linears with their weights prepacked once at load, on CPUs with AVX-512 BF16.
+"""bf16 linears with their weights prepacked once at load, on CPUs with AVX-512 BF16 or AVX2.
 
 Two packings, same contract (a row's result never depends on the rows beside it):
 - Duet's own kernel (duet_kernels/cpu/linear.cpp) where the C++ kernels are built: weights in
-  blocks of 32 outputs streamed sequentially, one fp32 accumulator per output over k-pairs
-  in a fixed order. At batch 1 all of SmolLM2's linears and its lm_head take 11.1 ms on this
-  2-core machine, 24 GB/s (the weight-streaming floor), against 16.7 ms through oneDNN;
-  from ~64 rows up both are at the compute roof (`python tools/bench_linear.py`).
+  blocks of 32 outputs streamed sequentially, one fp32 accumulator per output in a fixed
+  k order (VDPBF16PS on AVX-512 BF16; FMAs on bf16 widened to fp32 on AVX2). At batch 1
+  it streams the weights at the memory's speed (`python tools/bench_linear.py`).
 - oneDNN's prepacked GEMM (torch.ops.mkldnn) where they are not built: torch's plain bf16
   `F.linear` would reorder the weight on every call.
 fp32 and CUDA keep plain nn.Linear.
@@ -52,11 +51,22 @@ class PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def _onednn_bf16() -> bool:
+    """oneDNN packs bf16 weights only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT."""
+    from shared.config import cpu_bf16_isa
+    return cpu_bf16_isa() == "avx512_bf16" and torch.backends.mkldnn.is_available()
+
+
+def packable(in_features: int) -> bool:
+    """Whether a bf16 linear of that input width can be packed here: by Duet's kernel (an
+    even width), else by oneDNN. One that cannot stays a plain nn.Linear."""
+    return (in_features % 2 == 0 and _own_kernel() is not None) or _onednn_bf16()
+
+
 def can_pack(model: nn.Module) -> bool:
     from shared.config import cpu_has_fast_bf16
     w = next(model.parameters())   # whole or sharded model: all weights share device and dtype
-    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and cpu_has_fast_bf16()
-            and torch.backends.mkldnn.is_available())
+    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and cpu_has_fast_bf16()
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -67,10 +77,10 @@ def pack_linears(model: nn.Module) -> int:
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and packable(child.in_features):
                 setattr(parent, name, PackedLinear(child.weight, child.bias))
                 swapped += 1
-    if getattr(model, "lm_head", 0) is None:   # tied: the embedding is the projection
+    if getattr(model, "lm_head", 0) is None and packable(model.embed_tokens.embedding_dim):
         model.lm_head = PackedLinear(model.embed_tokens.weight)
         swapped += 1
     return swapped

@@ -32,7 +32,7 @@ def tiny_engine(tmp_path, request):
                   metadata={"format": "pt"})
     eng = bf16_engine(path)
     if eng.model.decode_stack() is None:
-        pytest.skip("no fused decode stack here (needs AVX-512 BF16 and the C++ kernels)")
+        pytest.skip("no fused decode stack here (needs AVX-512 BF16 or AVX2+FMA, and the C++ kernels)")
     assert (eng.model.layers[0].self_attn.qkv_proj.bias is not None) == request.param
     return eng
 
