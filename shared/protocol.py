@@ -105,6 +105,7 @@ class Register(Msg, tag="reg"):
     block_size: Positive = 16
     max_seqs: Positive = 64      # sequences it runs at once: the gateway admits no more
     incarnation: str = ""        # this worker process's own: a restart under the same id has another
+    kv_transport: str = ""       # how it takes hand-offs: shm, cuda_ipc or tcp ("": none yet)
 
 
 class Heartbeat(Msg, tag="hb"):
@@ -215,6 +216,27 @@ class PrefillRequest(Msg, tag="pre"):
     arrival_ts: float  # time.time() when the gateway accepted the request
 
 
+class PrefillStarted(Msg, tag="pstart"):
+    """Prefill worker -> gateway, for a long prompt as soon as its lease is held: the blocks
+    its KV will fill (kv.num_tokens: the whole prompt; no checksums yet). Each block's
+    layers become readable as prefill finishes them (KVPoolInfo.progress), so a decode
+    worker reading over tcp can fetch them while later layers compute (KVPrefetch)."""
+
+    request_id: str
+    kv: KVRef
+    lease_id: NonNeg
+    num_cached_tokens: NonNeg = 0
+
+
+class KVPrefetch(Msg, tag="kvpre"):
+    """Gateway -> decode worker (one reading over tcp): start fetching this prefilling
+    request's blocks, layer by layer as they are written; its DecodeRequest follows."""
+
+    request_id: str
+    kv: KVRef
+    lease_id: NonNeg
+
+
 class PrefillDone(Msg, tag="pdone"):
     """Prefill worker -> gateway: token 1 and the leased KV blocks holding
     the prompt (num_cached_tokens came from the prefix cache)."""
@@ -283,6 +305,7 @@ class KVPoolInfo(Msg, tag="kvpool"):
     dtype: DType
     epoch: NonNeg = 0
     generations: BufferHandle | None = None
+    progress: BufferHandle | None = None   # int32 [num_blocks]: layers written (layer-wise)
 
 
 class KVLookup(Msg, tag="kvlook"):
@@ -350,6 +373,7 @@ class KVCommit(Msg, tag="kvcommit"):
     block_ids: list[NonNeg]
     token_ids: list[int]
     checksums: list[NonNeg] = []   # block_ids[i]'s checksum; kept with the indexed blocks
+    written_ts: float = 0.0        # time.time() its last layer was written (the ledger's)
 
 
 class KVClaim(Msg, tag="kvclaim"):
@@ -376,21 +400,31 @@ class KVRelease(Msg, tag="kvrel"):
 
 class KVRead(Msg, tag="kvread"):
     """Reader without the pool mapped (another host: --kv-transport tcp) -> store: send
-    these blocks of a lease it claimed -> KVBlocks, one payload frame per block."""
+    these blocks of a lease -> KVBlocks, one payload frame per block. from_layers (one per
+    block, layer-wise): send only the layers from from_layers[i] up to what its writer has
+    finished (KVBlocks.upto_layers), and no frame for a block with nothing new."""
 
     request_id: str
     lease_id: NonNeg
     block_ids: list[NonNeg]
+    from_layers: list[NonNeg] = []
+
+    def __post_init__(self) -> None:
+        if self.from_layers and len(self.from_layers) != len(self.block_ids):
+            raise ValueError(f"{len(self.from_layers)} from_layers for {len(self.block_ids)} blocks")
 
 
 class KVBlocks(Msg, tag="kvblocks"):
     """Store -> reader: payload frame i holds block_ids[i]'s bytes, one whole block
     [num_layers, 2, block_size, kv_heads, head_dim] of the pool's dtype, sent from the
-    pool's own memory; generations[i] as it was when sent."""
+    pool's own memory; generations[i] as it was when sent. Layer-wise (the read had
+    from_layers): upto_layers[i] is how many of block_ids[i]'s layers are written, and the
+    frames are, in order, layers [from, upto) of each block whose upto passed its from."""
 
     request_id: str
     block_ids: list[NonNeg]
     generations: list[NonNeg]
+    upto_layers: list[NonNeg] = []
 
     def __post_init__(self) -> None:
         _check_generations(self)
@@ -485,7 +519,7 @@ class TensorFrame(Wire):
 MESSAGES: tuple[type[Msg], ...] = (
     ErrorReply, Ack, StatusRequest, StatusReply,
     Register, Heartbeat, Ping, Goodbye, SetRole, Drain,
-    PrefillRequest, PrefillDone, DecodeRequest, TokenBatch, Abort,
+    PrefillRequest, PrefillStarted, PrefillDone, KVPrefetch, DecodeRequest, TokenBatch, Abort,
     KVPoolQuery, KVPoolInfo, KVLookup, KVLookupReply, KVAcquire, KVAllocate, KVLease,
     KVCommit, KVClaim, KVDropHolder, KVEvict, KVRead, KVBlocks, KVRelease, KVRenew, KVStats, KVStatsReply,
     TokenizeRequest, TokenizeReply, DetokenizeRequest, DetokenizeReply,

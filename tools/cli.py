@@ -196,6 +196,11 @@ def chat(model_name, dtype, temperature, max_tokens, system):
               type=click.Choice(["auto", "shm", "cuda_ipc", "tcp"]),
               help="how decode workers take hand-offs: map the store's pool, or read blocks "
                    "over the wire (tcp, as a decode worker on another host does)")
+@click.option("--kv-layerwise-min-tokens", "layerwise_min_tokens", default=512,
+              show_default=True, type=int,
+              help="prompts of at least this many uncached tokens are handed over layer by "
+                   "layer to decode workers that read over tcp (each layer fetched while "
+                   "prefill computes the next); 0: never")
 @click.option("--prefill-tp", default=1, show_default=True, type=int,
               help="tensor-parallel ranks of each prefill worker")
 @click.option("--prefill-pp", default=1, show_default=True, type=int,
@@ -221,7 +226,7 @@ def chat(model_name, dtype, temperature, max_tokens, system):
 @click.option("--log-level", default="WARNING", show_default=True)
 def up(model_name, prefill, decode, colocated, port, admin_port, supervisor_port,
        kv_metrics_port, queue_timeout_s, host, dtype, device, devices, kv_transport,
-       prefill_tp, prefill_pp, decode_tp, decode_pp, tp, pp, kv_blocks, core_share, curve_dir,
+       layerwise_min_tokens, prefill_tp, prefill_pp, decode_tp, decode_pp, tp, pp, kv_blocks, core_share, curve_dir,
        insecure,
        api_keys, max_concurrency_per_key, log_dir, log_level):
     """Start tokenizer, kvstore, workers and gateway as separate processes."""
@@ -236,7 +241,8 @@ def up(model_name, prefill, decode, colocated, port, admin_port, supervisor_port
                     port=port, admin_port=admin_port, supervisor_port=supervisor_port,
                     kv_metrics_port=kv_metrics_port,
                     queue_timeout_s=queue_timeout_s, host=host, dtype=dtype, device=device,
-                    devices=devices, kv_transport=kv_transport, prefill_tp=prefill_tp,
+                    devices=devices, kv_transport=kv_transport,
+                    layerwise_min_tokens=layerwise_min_tokens, prefill_tp=prefill_tp,
                     prefill_pp=prefill_pp, decode_tp=decode_tp, decode_pp=decode_pp,
                     kv_blocks=kv_blocks, core_share=core_share, curve_dir=curve_dir,
                     insecure=insecure,

@@ -44,6 +44,7 @@ class Mesh:
     worker_args: tuple = ()              # more flags for every worker (--enforce-eager, ...)
     core_share: bool = True              # CPU workers share the cores by load (shared/cores.py)
     kv_transport: str = "auto"           # how decode workers take hand-offs: auto, shm, tcp
+    layerwise_min_tokens: int = 512      # prompts this long hand over layer by layer (0: never)
     prefill_tp: int = 1                  # each prefill worker: a TP x PP group of processes
     prefill_pp: int = 1
     decode_tp: int = 1                   # each decode (or --colocated) worker's group shape
@@ -93,6 +94,9 @@ class Mesh:
         if self.kv_transport not in ("auto", "shm", "cuda_ipc", "tcp"):
             raise ValueError(f"--kv-transport {self.kv_transport!r} must be auto, shm, cuda_ipc "
                              f"or tcp")
+        if self.layerwise_min_tokens < 0:
+            raise ValueError(f"--kv-layerwise-min-tokens {self.layerwise_min_tokens} must be "
+                             f">= 0 (0: never)")
         if self.insecure and self.curve_dir:
             raise ValueError(f"--insecure and --curve-dir {self.curve_dir} contradict each other")
         self.run_dir = tempfile.mkdtemp(prefix="duet-run-")
@@ -209,7 +213,9 @@ class Mesh:
                   "--kvstore-addr", self.addr["kvstore"], "--threads", threads,
                   "--num-kv-blocks", str(self.worker_blocks), "--max-num-seqs", str(self.max_num_seqs),
                   "--max-num-batched-tokens", str(self.max_num_batched_tokens),
-                  "--heartbeat", str(self.heartbeat_s), *share, *self.worker_args, *curve]
+                  "--heartbeat", str(self.heartbeat_s),
+                  "--kv-layerwise-min-tokens", str(self.layerwise_min_tokens),
+                  *share, *self.worker_args, *curve]
         roles = [("both", 1)] if self.colocated else [("prefill", self.prefill), ("decode", self.decode)]
         placed = 0
         for role, count in roles:

@@ -21,6 +21,12 @@ flights re-dispatched when no token of theirs reached the client yet (at most
 MAX_RETRIES times), and the others end with an error naming the worker. A hand-off not
 yet claimed (the decode worker refused it for want of room, or died first) goes to the
 next decode worker with the same lease.
+
+Layer-wise: a prefill worker announces a long prompt's blocks as soon as it holds them
+(PrefillStarted). When the decode worker this flight would go to reads hand-offs over tcp,
+it is told now (KVPrefetch) and fetches each layer while prefill computes the next ones;
+the hand-off then goes to that worker, unless it died, drained or refused meanwhile (it
+is told to drop the prefetch).
 """
 from __future__ import annotations
 
@@ -70,6 +76,7 @@ class Flight:
     handoff_since: float | None = None    # broker clock: waiting for a decode worker since
     kept_first: P.PrefillDone | None = None   # prefilled again after corrupt KV: token 1 as sent
     renewed_at: float = 0.0               # broker clock: its lease last renewed while waiting
+    prefetch_to: bytes | None = None      # the decode worker fetching its KV layer by layer
 
     @property
     def request_id(self) -> str:
@@ -105,6 +112,7 @@ class Broker:
         self._last_ping = float("-inf")
         self._out = Outbox()
         self._on_message = {P.Heartbeat: self._on_heartbeat, P.PrefillDone: self._on_prefill_done,
+                            P.PrefillStarted: self._on_prefill_started,
                             P.TokenBatch: self._on_tokens, P.ErrorReply: self._on_worker_error,
                             P.Goodbye: lambda w, m: self._worker_lost(w.identity, "said goodbye"),
                             P.StatusReply: lambda w, m: None}
@@ -136,6 +144,7 @@ class Broker:
             if f.stage == Stage.HANDING_OFF:
                 # the decode worker may not have claimed yet; an extra release is harmless
                 self._release(f)
+            self._cancel_prefetch(f, reason)
             f.stage = Stage.DONE
             self._dispatch_queued()
         return self._flush()
@@ -219,6 +228,7 @@ class Broker:
 
     # -- dispatch ---------------------------------------------------------------------------
     def _enqueue(self, f: Flight) -> None:
+        self._cancel_prefetch(f, "prefilled again")
         f.stage, f.worker, f.queued_at = Stage.QUEUED, None, self.clock()
         self.queue[f.request_id] = f
         if f.request.tenant not in self._turn:
@@ -273,7 +283,12 @@ class Broker:
         """Offer prefill's KV (f.handoff) to a decode worker not yet tried; while none can
         take it, it waits (at most queue_timeout_s, its lease kept alive meanwhile)."""
         m, r = f.handoff, f.request
-        d = self.router.pick_decode(len(r.prompt_ids) + r.params.max_tokens, exclude=f.tried_decode)
+        d = self._prefetching(f)
+        if d is None:
+            self._cancel_prefetch(f, "handed to another decode worker")
+            d = self.router.pick_decode(len(r.prompt_ids) + r.params.max_tokens,
+                                        exclude=f.tried_decode)
+        f.prefetch_to = None
         f.stage, f.worker = Stage.HANDING_OFF, None
         if d is None:
             now = self.clock()
@@ -295,6 +310,21 @@ class Broker:
             request_id=r.request_id, prompt_ids=r.prompt_ids, sampling=spec_from_params(r.params),
             first_token=m.first_token, kv=m.kv, lease_id=m.lease_id))
 
+    def _prefetching(self, f: Flight):
+        """The decode worker fetching f's KV layer by layer, if it can still take it."""
+        d = self.router.workers.get(f.prefetch_to) if f.prefetch_to is not None else None
+        if d is None or d.draining or d.role not in ("decode", "both") \
+                or d.incarnation in f.tried_decode:
+            return None
+        return d
+
+    def _cancel_prefetch(self, f: Flight, reason: str) -> None:
+        """The worker prefetching f's KV will not get it: it drops what it fetched."""
+        if f.prefetch_to is not None and f.prefetch_to in self.router.workers \
+                and f.prefetch_to != f.worker:
+            self._send(f.prefetch_to, P.Abort(request_id=f.request_id, reason=reason))
+        f.prefetch_to = None
+
     def _retry_handoffs(self) -> None:
         """Waiting hand-offs try every decode worker again (room frees up, workers come
         back); their leases are renewed every few seconds while they wait."""
@@ -313,7 +343,7 @@ class Broker:
         self._registrations += 1
         w = self.router.workers[ident] = WorkerInfo(
             ident, m.worker_id, m.role, m.total_blocks, m.free_blocks, m.block_size,
-            max_seqs=m.max_seqs, tp=m.tp, pp=m.pp,
+            max_seqs=m.max_seqs, tp=m.tp, pp=m.pp, kv_transport=m.kv_transport,
             incarnation=m.incarnation or f"{m.worker_id}#{self._registrations}")
         if m.worker_id in self.drained:   # drained before it registered again: still drained
             w.draining = True
@@ -349,6 +379,23 @@ class Broker:
             # alive (it heart-beats) but its engine makes no progress: as good as dead
             self._worker_lost(w.identity, f"is stuck: a step has run {m.busy_s:.0f}s, "
                                           f"expected {m.expected_s:.1f}s")
+
+    def _on_prefill_started(self, w: WorkerInfo, m: P.PrefillStarted) -> None:
+        """A long prompt's blocks are leased: if the decode worker it would go to reads
+        over tcp, that worker starts fetching its layers now (KVPrefetch)."""
+        f = self.flights.get(m.request_id)
+        if f is None or f.stage != Stage.PREFILLING or f.worker != w.identity:
+            return
+        r = f.request
+        need = len(r.prompt_ids) + r.params.max_tokens
+        d = self.router.pick_decode(need, exclude=f.tried_decode, reserve=False)
+        if d is None or d.kv_transport != "tcp" or d.role != "decode":
+            return   # it maps the pool (the copy is quick), or nobody can take it yet
+        self.router.reserve(d, need)
+        self._cancel_prefetch(f, "prefilled again")
+        f.prefetch_to = d.identity
+        self._send(d.identity, P.KVPrefetch(request_id=m.request_id, kv=m.kv,
+                                            lease_id=m.lease_id))
 
     def _on_prefill_done(self, w: WorkerInfo, m: P.PrefillDone) -> None:
         w.inflight.discard(m.request_id)
@@ -491,6 +538,7 @@ class Broker:
         self._deliver(f, ev)
 
     def _end(self, f: Flight) -> None:
+        self._cancel_prefetch(f, "request ended")
         self.flights.pop(f.request_id, None)
         self.queue.pop(f.request_id, None)
         self.waiting_handoffs.pop(f.request_id, None)

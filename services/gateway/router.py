@@ -30,6 +30,7 @@ class WorkerInfo:
     tp: int = 1                                      # its group's shape
     pp: int = 1
     ranks_alive: list = field(default_factory=list)  # per rank, from its heartbeats
+    kv_transport: str = ""                           # shm, cuda_ipc or tcp (reads over the wire)
 
     def as_dict(self) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "free_blocks": self.free_blocks,
@@ -38,7 +39,7 @@ class WorkerInfo:
                 "inflight": len(self.inflight), "draining": self.draining,
                 "prefill_steps": self.prefill_steps, "decode_steps": self.decode_steps,
                 "incarnation": self.incarnation, "tp": self.tp, "pp": self.pp,
-                "handoffs": self.handoffs,
+                "handoffs": self.handoffs, "kv_transport": self.kv_transport,
                 "ranks_alive": list(self.ranks_alive) or [True] * (self.tp * self.pp)}
 
 
@@ -77,8 +78,9 @@ class Router:
         return best
 
     def pick_decode(self, num_tokens: int, roles=("decode", "both"),
-                    exclude: set[str] = frozenset()) -> WorkerInfo | None:
-        """`exclude`: incarnations already tried (a restarted worker is a new one)."""
+                    exclude: set[str] = frozenset(), reserve: bool = True) -> WorkerInfo | None:
+        """`exclude`: incarnations already tried (a restarted worker is a new one).
+        reserve: count the blocks as taken until its next heartbeat (False: just look)."""
         cands = [w for w in self.candidates(roles) if w.incarnation not in exclude]
         if not cands:
             return None
@@ -86,8 +88,14 @@ class Router:
         need = -(-num_tokens // bs)
         fits = [w for w in cands if w.free_blocks >= need] or cands
         best = max(fits, key=lambda w: (w.free_blocks, -w.running - len(w.inflight), w.worker_id))
-        best.free_blocks = max(best.free_blocks - need, 0)  # until its next heartbeat
+        if reserve:
+            self.reserve(best, num_tokens)
         return best
+
+    @staticmethod
+    def reserve(w: WorkerInfo, num_tokens: int) -> None:
+        """Its blocks for num_tokens count as taken until its next heartbeat says."""
+        w.free_blocks = max(w.free_blocks - -(-num_tokens // w.block_size), 0)
 
     def capacity(self) -> int:
         """How many requests the mesh runs at once: every admitted request ends up in a

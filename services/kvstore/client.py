@@ -63,17 +63,20 @@ class KVStoreClient:
                                      lease_id=lease_id), KVLease)
 
     def commit(self, request_id: str, lease_id: int, block_ids: list[int], token_ids: list[int],
-               checksums: list[int] | None = None) -> None:
+               checksums: list[int] | None = None, written_ts: float = 0.0) -> None:
         """Index the lease's written full blocks under token_ids (from position 0), each
         with its checksum."""
         self._call(KVCommit(request_id=request_id, lease_id=lease_id, block_ids=list(block_ids),
-                            token_ids=list(token_ids), checksums=list(checksums or [])), Ack)
+                            token_ids=list(token_ids), checksums=list(checksums or []),
+                            written_ts=written_ts), Ack)
 
-    def read(self, request_id: str, lease_id: int, block_ids: list[int]) -> KVBlocks:
-        """A claimed lease's blocks over the wire: KVBlocks whose frames (received
-        without copies) hold one block each."""
+    def read(self, request_id: str, lease_id: int, block_ids: list[int],
+             from_layers: list[int] | None = None) -> KVBlocks:
+        """A lease's blocks over the wire: KVBlocks whose frames (received without
+        copies) hold one block each, or with from_layers the layers written since."""
         return self._call(KVRead(request_id=request_id, lease_id=lease_id,
-                                 block_ids=list(block_ids)), KVBlocks)
+                                 block_ids=list(block_ids), from_layers=list(from_layers or [])),
+                          KVBlocks)
 
     def evict(self, request_id: str, block_ids: list[int]) -> None:
         """These blocks failed their checksum: out of the prefix index."""

@@ -4,16 +4,24 @@ On CPU, one shared-memory segment:
     offset 0                  pool   [num_blocks, num_layers, 2 (K, V), block_size,
                                       num_kv_heads, head_dim] of the pool dtype
     generations_offset(..)    generations  int64 [num_blocks]
+    then                      progress     int32 [num_blocks]
 
 generations_offset is the pool's nbytes rounded up to 64. KVPoolInfo.handle names the
-pool part only (offset 0); open_pool() derives the generations view from it.
+pool part only (offset 0); open_pool() derives the generations view from it;
+KVPoolInfo.progress names the progress array.
 
 On a GPU (device 'cuda[:N]'), the pool is one dedicated device allocation exported
 through the cuda_ipc backend (KVPoolInfo.handle, backend 'cuda_ipc'), and the generations
-stay in a small host shm segment (KVPoolInfo.generations), so the store fences and
-recycles blocks without touching the GPU. One block
+and progress stay in a small host shm segment (KVPoolInfo.generations, .progress), so the
+store fences, recycles and serves layers without touching the GPU. One block
 holds every layer and head of its tokens, so one (handle, block id) names it and a reader
 of any TP/PP shape can slice its own layers and heads.
+
+Layer-wise progress: progress[b] is how many of block b's layers its current writer has
+finished for every token the block holds. Only the prefill writing the block sets it: 0
+when it takes the block fresh, then layer by layer, num_layers once committed. The store
+reads it to serve layers while later ones compute (KVRead.from_layers); a reader's
+generation check covers a block recycled under it.
 
 The generation fence: the store bumps generations[b] each time it hands block b out
 fresh. A reader that was promised (b, g) checks generations[b] == g before and after
@@ -47,8 +55,8 @@ def generations_offset(pool_nbytes: int) -> int:
 
 
 def segment_nbytes(pool_nbytes: int, num_blocks: int) -> int:
-    """Size of the whole segment: pool, padding, generations."""
-    return generations_offset(pool_nbytes) + num_blocks * ITEMSIZE["int64"]
+    """Size of the whole segment: pool, padding, generations, progress."""
+    return generations_offset(pool_nbytes) + num_blocks * (ITEMSIZE["int64"] + ITEMSIZE["int32"])
 
 
 def generations_handle(pool: BufferHandle, num_blocks: int,
@@ -91,12 +99,15 @@ class PoolSegment:
         pool_nbytes = numel(shape) * ITEMSIZE[dtype]
         self.device, self.gpu = device, None
         gen_handle = None
+        gen_bytes = num_blocks * ITEMSIZE["int64"]
         if kind == "cpu":
             self.nbytes = segment_nbytes(pool_nbytes, num_blocks)
             self.region = shm.ShmRegion.create(name, self.nbytes)
             self.pool = self.region.tensor(dtype, shape)
             self.generations = self.region.tensor("int64", [num_blocks],
                                                   generations_offset(pool_nbytes))
+            self.progress = self.region.tensor("int32", [num_blocks],
+                                               generations_offset(pool_nbytes) + gen_bytes)
             handle = self.region.export(self.pool)
         else:
             from shared.buffers import cuda_ipc
@@ -104,7 +115,7 @@ class PoolSegment:
                 raise ValueError(f"device={device!r}: no such GPU here "
                                  f"({torch.cuda.device_count()} visible)")
             self.nbytes = pool_nbytes
-            self.region = shm.ShmRegion.create(name, num_blocks * ITEMSIZE["int64"])
+            self.region = shm.ShmRegion.create(name, gen_bytes + num_blocks * ITEMSIZE["int32"])
             try:
                 self.gpu = cuda_ipc.IpcBuffer(pool_nbytes, ordinal)
                 self.pool = self.gpu.tensor(dtype, shape)
@@ -115,14 +126,16 @@ class PoolSegment:
                 self.region.close()
                 raise
             self.generations = self.region.tensor("int64", [num_blocks])
+            self.progress = self.region.tensor("int32", [num_blocks], gen_bytes)
             # no event: the store never writes the pool; writers order their own writes
             handle = msgspec.structs.replace(self.gpu.export(self.pool), event="")
             gen_handle = self.region.export(self.generations)
         self.generations.zero_()
+        self.progress.zero_()
         self.info = KVPoolInfo(handle=handle, num_blocks=num_blocks, num_layers=num_layers,
                                block_size=block_size, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, dtype=dtype, epoch=epoch,
-                               generations=gen_handle)
+                               generations=gen_handle, progress=self.region.export(self.progress))
 
     @property
     def name(self) -> str:
@@ -164,6 +177,18 @@ def open_pool(info: KVPoolInfo) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"shm {h.base!r} has {region.nbytes} bytes, the pool and its "
                          f"generations need {need}")
     return shm.open(h), shm.open(gen)
+
+
+def open_progress(info: KVPoolInfo) -> torch.Tensor | None:
+    """The int32 [num_blocks] layer-progress view of a pool (host shm), None when the
+    store announces none. ValueError when the handle is not shm int32 [num_blocks]."""
+    h = info.progress
+    if h is None:
+        return None
+    if h.backend != "shm" or h.dtype != "int32" or h.shape != [info.num_blocks]:
+        raise ValueError(f"progress handle must be shm int32 [{info.num_blocks}], got "
+                         f"{h.backend} {h.dtype} {h.shape}")
+    return shm.open(h)
 
 
 def close_pool(info: KVPoolInfo) -> None:

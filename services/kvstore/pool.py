@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -57,6 +57,13 @@ class Lease:
     claimed: bool = False
     touched: float = 0.0
     holder: str = ""            # the worker that acquired or last claimed it
+    # its hand-off's timeline (wall clock, time.time()), for the ledger: tcp reads of
+    # its layers, when its writer wrote the last of them, when it was committed
+    first_read_ts: float = 0.0      # its first block's layer 0 first sent over the wire
+    written_ts: float = 0.0
+    committed_ts: float = 0.0
+    layers_read: int = 0            # (block, layer) slices sent over the wire
+    layers_read_early: int = 0      # of them, before the commit
 
     def __post_init__(self):
         self.touched = self.touched or self.created
@@ -92,6 +99,7 @@ class KVPool:
         self._next_lease = first_lease_id   # a store's epoch picks its own range
         self.expired_leases = self.lookup_tokens = self.hit_tokens = 0
         self.read_blocks = self.evicted_blocks = 0
+        self.handoffs: deque[dict] = deque(maxlen=64)   # the last read leases' timelines
 
     # ---------------------------------------------------------------- queries
 
@@ -185,7 +193,7 @@ class KVPool:
         return lease.lease_id, fresh, self._generations_of(fresh)
 
     def commit(self, lease_id: int, block_ids: list[int], token_ids: list[int],
-               checksums: list[int] | None = None) -> int:
+               checksums: list[int] | None = None, written_ts: float = 0.0) -> int:
         """Index the full blocks among block_ids (block i holds tokens
         [i*bs, (i+1)*bs) of token_ids) under their chained hashes, each with its
         checksum (checksums[i], when given) for whoever reuses it; blocks or
@@ -203,6 +211,7 @@ class KVPool:
             raise PoolError("bad_request", f"blocks {stray[:8]} are not in lease {lease_id} "
                                            f"(it holds {len(held)} blocks)")
         lease.holder = HANDOFF
+        lease.committed_ts, lease.written_ts = time.time(), written_ts
         bs, parent, added = self.block_size, None, 0
         for i in range(min(len(block_ids), len(token_ids) // bs)):
             chunk = tuple(token_ids[i * bs:(i + 1) * bs])
@@ -243,16 +252,28 @@ class KVPool:
         self.evicted_blocks += n
         return n
 
-    def readable(self, lease_id: int, block_ids: list[int]) -> list[int]:
+    def readable(self, lease_id: int, block_ids: list[int], sent: int | None = None) -> list[int]:
         """The generations of block_ids, every one of which the live lease holds (a reader
-        copying over the wire); 'bad_request' naming a block it does not hold."""
+        copying over the wire); 'bad_request' naming a block it does not hold. `sent`: how
+        many whole blocks the read completes (default all of them; a layer-wise read
+        completes those whose last layer it sends)."""
         lease = self._lease(lease_id)
         held = set(lease.blocks)
         stray = [b for b in block_ids if b not in held]
         if stray:
             raise PoolError("bad_request", f"blocks {stray[:8]} are not in lease {lease_id}")
-        self.read_blocks += len(block_ids)
+        self.read_blocks += len(block_ids) if sent is None else sent
         return self._generations_of(block_ids)
+
+    def note_layers_read(self, lease_id: int, slices: int, first_block_layer0: bool) -> None:
+        """A layer-wise read of the lease sent `slices` (block, layer) slices; with
+        first_block_layer0 its first block's layer 0 among them (the timeline's start)."""
+        lease = self._lease(lease_id)
+        lease.layers_read += slices
+        if not lease.committed_ts:
+            lease.layers_read_early += slices
+        if first_block_layer0 and not lease.first_read_ts:
+            lease.first_read_ts = time.time()
 
     def checksums_of(self, block_ids: list[int]) -> list[int]:
         """The committed checksums of indexed blocks (cached prefix hits); [] when any is
@@ -266,6 +287,8 @@ class KVPool:
         number of blocks the lease held; 'not_found' for an unknown lease."""
         lease = self._lease(lease_id)
         del self._leases[lease_id]
+        if lease.layers_read:
+            self.handoffs.append(self._timeline(lease))
         for bid in reversed(lease.blocks):
             self._unpin(bid)
         return len(lease.blocks)
@@ -340,6 +363,14 @@ class KVPool:
             raise PoolError("not_found", f"lease {lease_id} is unknown (never issued, released or expired)")
         lease.touched = self._clock()
         return lease
+
+    @staticmethod
+    def _timeline(lease: Lease) -> dict:
+        return {"lease_id": lease.lease_id, "request_id": lease.request_id,
+                "blocks": len(lease.blocks), "layers_read": lease.layers_read,
+                "layers_read_before_commit": lease.layers_read_early,
+                "first_read_ts": lease.first_read_ts, "written_ts": lease.written_ts,
+                "committed_ts": lease.committed_ts}
 
     def _new_lease(self, request_id: str) -> Lease:
         lease = Lease(self._next_lease, request_id, self._clock())

@@ -30,12 +30,15 @@ class KVStorePort(Protocol):
         nothing held."""
 
     def commit(self, request_id: str, lease_id: int, block_ids: list[int],
-               token_ids: list[int], checksums: list[int] | None = None) -> None:
-        """The lease's blocks are written: index the full ones under token_ids, each with
-        its checksum."""
+               token_ids: list[int], checksums: list[int] | None = None,
+               written_ts: float = 0.0) -> None:
+        """The lease's blocks are written (the last layer at written_ts, time.time()):
+        index the full ones under token_ids, each with its checksum."""
 
-    def read(self, request_id: str, lease_id: int, block_ids: list[int]) -> "KVBlocks":
-        """A claimed lease's blocks as payload frames (the tcp hand-off)."""
+    def read(self, request_id: str, lease_id: int, block_ids: list[int],
+             from_layers: list[int] | None = None) -> "KVBlocks":
+        """A lease's blocks as payload frames (the tcp hand-off); with from_layers, only
+        the layers written since (layer-wise)."""
 
     def evict(self, request_id: str, block_ids: list[int]) -> int:
         """These blocks failed their checksum: out of the prefix index."""

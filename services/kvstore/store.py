@@ -20,6 +20,7 @@ from services.kvstore.pool import KVPool, PoolError
 from shared.protocol import KVBlocks, KVLease, KVLookupReply, KVPoolInfo, KVStatsReply
 
 MAX_READ_BLOCKS = 32   # blocks per KVRead (a message carries at most 64 payload frames)
+MAX_POLL_BLOCKS = 4096   # blocks a layer-wise KVRead may ask about (it still sends <= 32)
 
 
 class KVStore:
@@ -72,26 +73,62 @@ class KVStore:
                        checksums=sums)
 
     def commit(self, request_id: str, lease_id: int, block_ids: list[int],
-               token_ids: list[int], checksums: list[int] | None = None) -> None:
-        self.pool.commit(lease_id, block_ids, token_ids, checksums)
+               token_ids: list[int], checksums: list[int] | None = None,
+               written_ts: float = 0.0) -> None:
+        self.pool.commit(lease_id, block_ids, token_ids, checksums, written_ts)
 
-    def read(self, request_id: str, lease_id: int, block_ids: list[int]) -> KVBlocks:
+    def read(self, request_id: str, lease_id: int, block_ids: list[int],
+             from_layers: list[int] | None = None) -> KVBlocks:
         """The lease's blocks as payload frames (KVBlocks.frames), for a reader that cannot
         map the pool: straight from the shm pages, or staged through host memory from a
-        GPU pool."""
+        GPU pool. With from_layers (layer-wise, while prefill still writes): each block's
+        layers from from_layers[i] to what its writer finished (KVPoolInfo.progress)."""
+        if from_layers:
+            return self._read_layers(request_id, lease_id, block_ids, from_layers)
         if len(block_ids) > MAX_READ_BLOCKS:
             raise PoolError("bad_request", f"{len(block_ids)} blocks in one read; at most "
                                            f"{MAX_READ_BLOCKS}")
         gens = self.pool.readable(lease_id, block_ids)
         reply = KVBlocks(request_id=request_id, block_ids=list(block_ids), generations=gens)
+        reply.frames = self._frames([(b, 0, self.info.num_layers) for b in block_ids])
+        return reply
+
+    def _read_layers(self, request_id: str, lease_id: int, block_ids: list[int],
+                     from_layers: list[int]) -> KVBlocks:
+        """A poll of up to MAX_POLL_BLOCKS blocks, answered with the layers written since
+        (frames for at most MAX_READ_BLOCKS blocks, in order; a block past that reports
+        upto = from, so the reader asks again)."""
+        L = self.info.num_layers
+        if len(from_layers) != len(block_ids) or max(from_layers) > L:
+            raise PoolError("bad_request", f"from_layers {from_layers[:8]} must give one layer "
+                                           f"in [0, {L}] per block")
+        if len(block_ids) > MAX_POLL_BLOCKS:
+            raise PoolError("bad_request", f"{len(block_ids)} blocks in one layer-wise read; at "
+                                           f"most {MAX_POLL_BLOCKS}")
+        written = self.segment.progress[torch.tensor(block_ids, dtype=torch.int64)].tolist()
+        upto, spans = [], []
+        for b, f, w in zip(block_ids, from_layers, written):
+            u = min(w, L) if len(spans) < MAX_READ_BLOCKS else f
+            if u > f:
+                spans.append((b, f, u))
+            upto.append(max(u, f))
+        gens = self.pool.readable(lease_id, block_ids, sum(1 for _, _, u in spans if u == L))
+        self.pool.note_layers_read(lease_id, sum(u - f for _, f, u in spans),
+                                   bool(spans) and spans[0][0] == block_ids[0] and spans[0][1] == 0)
+        reply = KVBlocks(request_id=request_id, block_ids=list(block_ids), generations=gens,
+                         upto_layers=upto)
+        reply.frames = self._frames(spans)
+        return reply
+
+    def _frames(self, spans: list[tuple[int, int, int]]) -> list[memoryview]:
+        """One frame per (block, first layer, end layer): those layers' bytes, contiguous in
+        the layout, from the pool's own pages (a GPU pool's staged through host memory)."""
         pool = self.segment.pool
         if pool.is_cuda:
-            staged = pool[torch.tensor(block_ids, device=pool.device)].cpu()
-            blocks = [staged[i] for i in range(len(block_ids))]
+            parts = [pool[b, f:u].cpu() for b, f, u in spans]
         else:
-            blocks = [pool[b] for b in block_ids]
-        reply.frames = [memoryview(t.view(torch.uint8).numpy()) for t in blocks]
-        return reply
+            parts = [pool[b, f:u] for b, f, u in spans]
+        return [memoryview(t.view(torch.uint8).numpy()) for t in parts]
 
     def evict(self, request_id: str, block_ids: list[int]) -> int:
         return self.pool.evict(block_ids)
@@ -128,7 +165,7 @@ class KVStore:
         """Counts, the lease ledger, and the segment's handles (StatusReply data)."""
         gen = generations_handle(self.info.handle, self.info.num_blocks, self.info.generations)
         return {"epoch": self.epoch, "stats": self.pool.stats(), "idle": self.pool.idle(),
-                "ledger": self.pool.ledger(),
+                "ledger": self.pool.ledger(), "handoffs": list(self.pool.handoffs),
                 "dtype": self.dtype, "device": self.segment.device, "pool": msgspec.to_builtins(self.info.handle),
                 "generations": msgspec.to_builtins(gen)}
 

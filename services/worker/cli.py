@@ -44,6 +44,13 @@ def worker_command(default_role: str):
                   help="how hand-offs reach this worker: map the store's pool (shm, cuda_ipc; "
                        "auto picks it where it can) or read blocks over the wire (tcp: a "
                        "store on another host; decode only)")
+    @click.option("--kv-layerwise-min-tokens", "layerwise_min_tokens", default=512,
+                  show_default=True, type=int,
+                  help="prefill: hand prompts of at least this many uncached tokens over layer "
+                       "by layer, so a decode worker reading over tcp fetches each layer while "
+                       "later ones compute; 0: never")
+    @click.option("--kv-prefetch-mb", "prefetch_max_mb", default=512, show_default=True,
+                  type=int, help="decode over tcp: memory for layer-wise fetches in flight")
     @click.option("--tp", default=1, show_default=True, type=int,
                   help="tensor-parallel ranks per pipeline stage (this host spawns the group's "
                        "other ranks; under torchrun they are started for it)")
@@ -58,8 +65,9 @@ def worker_command(default_role: str):
     @click.option("--log-level", default="INFO", show_default=True)
     def cmd(role, model, dtype, device, gateway_addr, kvstore_addr, worker_id, num_kv_blocks,
             max_num_seqs, max_num_batched_tokens, threads, attention_backend, enforce_eager,
-            cuda_graph_max_batch, cuda_graph_max_tokens, heartbeat_s, kv_verify, kv_transport, tp, pp, group_timeout_s,
-            core_share, curve_dir, log_level):
+            cuda_graph_max_batch, cuda_graph_max_tokens, heartbeat_s, kv_verify, kv_transport,
+            layerwise_min_tokens, prefetch_max_mb, tp, pp, group_timeout_s, core_share,
+            curve_dir, log_level):
         logging.basicConfig(level=log_level, format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
         try:
             eng = EngineConfig(model=model, dtype=dtype, device=device, num_kv_blocks=num_kv_blocks,
@@ -74,6 +82,8 @@ def worker_command(default_role: str):
             cfg = WorkerConfig(role=role, gateway_addr=gateway_addr, kvstore_addr=kvstore_addr or None,
                                engine=eng, heartbeat_s=heartbeat_s, curve_dir=curve_dir,
                                kv_verify=kv_verify, kv_transport=kv_transport, tp=tp, pp=pp,
+                               layerwise_min_tokens=layerwise_min_tokens,
+                               prefetch_max_mb=prefetch_max_mb,
                                group_timeout_s=group_timeout_s, core_share=core_share, **kw)
         except ValueError as e:
             raise click.BadParameter(str(e))

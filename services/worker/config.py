@@ -29,6 +29,10 @@ class WorkerConfig:
     group_timeout_s: float = 20.0        # a collective waiting longer: the group has failed
     group_connect_timeout_s: float = 30.0   # how long a rank waits to reach MASTER_ADDR
     core_share: str | None = None        # share the host's cores with the workers of this name
+    # layer-wise hand-off: prefill announces prompts of at least this many uncached tokens
+    # (PrefillStarted) and publishes their KV layer by layer; 0: never
+    layerwise_min_tokens: int = 512
+    prefetch_max_mb: int = 512           # decode over tcp: staging for layer-wise fetches
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -50,5 +54,10 @@ class WorkerConfig:
                 raise ValueError(f"--core-share {self.core_share!r} is for single-process CPU "
                                  f"workers (device={self.engine.device}, tp={self.tp}, "
                                  f"pp={self.pp})")
+        if self.layerwise_min_tokens < 0:
+            raise ValueError(f"layerwise_min_tokens={self.layerwise_min_tokens} must be >= 0 "
+                             f"(0: no layer-wise hand-offs)")
+        if self.prefetch_max_mb < 0:
+            raise ValueError(f"prefetch_max_mb={self.prefetch_max_mb} must be >= 0")
         if not 1 <= self.liveness <= 100:
             raise ValueError(f"liveness={self.liveness} must be in [1, 100]")

@@ -1,10 +1,13 @@
 """WorkerCore: one model worker's request state machines, with no sockets or threads.
 
     prefill  PrefillRequest -> PrefillLease.acquire (cached prefix + fresh store blocks)
+             [-> PrefillStarted for a long prompt: its blocks fill layer by layer]
              -> the prefill engine writes the prompt's KV straight into those blocks
              -> commit -> PrefillDone{token 1, KVRef, lease}
     decode   DecodeRequest with a KVRef -> DecodeClaim.claim -> fenced copy into the local
              paged cache -> release -> continuous batching -> TokenBatch, ...
+             [over tcp, after a KVPrefetch: the blocks were fetched layer by layer
+             meanwhile (layerwise.py); the claim verifies and copies them]
     both     DecodeRequest without a KVRef: the whole request runs here (chunked prefill)
 
 One model is shared by two engines: the prefill engine attends over the store's pool
@@ -24,9 +27,11 @@ from typing import Callable
 
 import torch
 
-from services.kvstore.layout import KVChecksumError, StaleBlockError, close_pool, open_pool
+from services.kvstore.layout import (KVChecksumError, StaleBlockError, close_pool, open_pool,
+                                     open_progress)
 from services.kvstore.port import KVStoreError, KVStorePort
 from services.worker.handoff import VERIFY_MODES, DecodeClaim, PrefillLease
+from services.worker.layerwise import LayerProgress, Prefetcher
 from shared import protocol as P
 from shared.buffers import dtypes
 from shared.engine.engine import LLMEngine
@@ -66,7 +71,8 @@ class WorkerCore:
     def __init__(self, worker_id: str, role: str, engine: LLMEngine,
                  store: KVStorePort | None = None, clock: Callable[[], float] = time.monotonic,
                  incarnation: str | None = None, kv_verify: str = "all",
-                 kv_transport: str = "auto"):
+                 kv_transport: str = "auto", layerwise_min_tokens: int = 512,
+                 prefetch_max_bytes: int = 512 << 20, prefetch_threaded: bool = False):
         if role not in P.ROLES:
             raise ValueError(f"role={role!r} must be one of {P.ROLES}")
         if kv_verify not in VERIFY_MODES:
@@ -74,6 +80,10 @@ class WorkerCore:
         if kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport={kv_transport!r} must be one of {KV_TRANSPORTS}")
         self.kv_verify, self.kv_transport = kv_verify, kv_transport
+        self.layerwise_min_tokens = layerwise_min_tokens
+        self.prefetch_max_bytes, self.prefetch_threaded = prefetch_max_bytes, prefetch_threaded
+        self.layers: LayerProgress | None = None   # prefill: publishes layer-wise progress
+        self.prefetcher: Prefetcher | None = None  # decode over tcp: layer-wise fetches
         self.transport = ""          # the one in use once attached: shm, cuda_ipc or tcp
         self.checksum_failures = 0   # hand-offs refused: their blocks failed the checksum
         self.worker_id, self.role, self.clock = worker_id, role, clock
@@ -94,6 +104,7 @@ class WorkerCore:
         self.step_expected_s = 0.0
         self.s_per_token = STARTING_S_PER_TOKEN
         self._handlers = {P.PrefillRequest: self._on_prefill, P.DecodeRequest: self._on_decode,
+                          P.KVPrefetch: self._on_prefetch,
                           P.Abort: self._on_abort, P.SetRole: self._on_set_role,
                           P.Drain: self._on_drain, P.StatusRequest: self._on_status}
 
@@ -134,9 +145,14 @@ class WorkerCore:
                 if self.kv_transport != "auto":
                     raise
                 log.warning("cannot map the store's pool (%s): KV hand-offs over tcp", e)
+        if self.layers is not None:   # a re-attach: the old pool's publisher goes
+            self.layers.close()
+            self.layers = None
         if pool is None:   # over the wire: decode only
             self.store, self.pool_info, self.pool, self.generations = store, info, None, None
             self.transport, self.prefill = "tcp", None
+            self.prefetcher = Prefetcher(info, self.prefetch_max_bytes,
+                                         threaded=self.prefetch_threaded)
             return
         self.transport = backend
         self.store, self.pool_info, self.pool, self.generations = store, info, pool, generations
@@ -148,6 +164,12 @@ class WorkerCore:
         self.prefill = LLMEngine(eng.model, eng.config, tuple(eng.eos_token_ids), eng.tokenizer,
                                  block_manager=LeasedBlockManager(info.num_blocks, info.block_size),
                                  kv_cache=cache, runner=runner)
+        progress = open_progress(info)
+        # one process sees its own layers finish; a group's ranks each write a slice, so a
+        # group publishes at commit only (no PrefillStarted)
+        if progress is not None and group is None and self.layerwise_min_tokens > 0:
+            self.layers = LayerProgress(eng.model, progress, info.block_size)
+            self.prefill.step_observer = self.layers.step
 
     def _same_epoch(self, pool_name: str) -> list[P.Msg] | None:
         """The store's pool is `pool_name` now: re-attach if the store came back with a
@@ -224,7 +246,25 @@ class WorkerCore:
             self._quietly(lease.release, req.request_id)
             raise
         self.prefill_jobs[req.request_id] = PrefillJob(req, want, lease, self.clock())
+        uncached = len(req.prompt_ids) - lease.cached_tokens
+        if self.layers is not None and uncached >= self.layerwise_min_tokens:
+            self.layers.track(req.request_id, lease.block_ids,
+                              lease.cached_tokens // self.pool_info.block_size,
+                              len(req.prompt_ids))
+            msgs.append(P.PrefillStarted(request_id=req.request_id, lease_id=lease.lease_id,
+                                         kv=lease.kv_ref(self.pool_info, len(req.prompt_ids)),
+                                         num_cached_tokens=lease.cached_tokens))
         return msgs
+
+    def _on_prefetch(self, msg: P.KVPrefetch) -> list[P.Msg]:
+        """Start fetching a prefilling request's KV layer by layer (decode over tcp); a
+        worker that maps the pool, or has no room for it, waits for the DecodeRequest."""
+        if self.prefetcher is None:
+            return []
+        if not self.prefetcher.start(msg):
+            log.info("request %s: no staging room for a layer-wise fetch (%d MB held)",
+                     msg.request_id, self.prefetcher.bytes_held >> 20)
+        return []
 
     def _on_decode(self, req: P.DecodeRequest) -> list[P.Msg]:
         params = params_from_spec(req.sampling)
@@ -250,7 +290,13 @@ class WorkerCore:
                                   self.worker_id, self.kv_verify)
         t_copy = self.clock()
         try:
-            if self.pool is None:   # tcp: the blocks come over the wire
+            staged = None
+            if self.prefetcher is not None:   # fetched layer by layer while it prefilled?
+                staged = self.prefetcher.take(req.request_id, req.lease_id, req.kv, self.store)
+            if staged is not None:
+                load = lambda dst: claim.load_staged(self.decode.kv_cache, self.pool_info,  # noqa: E731
+                                                     staged.staging, dst)
+            elif self.pool is None:   # tcp: the blocks come over the wire
                 load = lambda dst: claim.fetch_into(self.decode.kv_cache, self.store,  # noqa: E731
                                                     self.pool_info, dst)
             else:
@@ -350,6 +396,9 @@ class WorkerCore:
                 except Exception as e:
                     self._quietly(job.lease.release, out.request_id)
                     msgs.append(self._error(out.request_id, e))
+                finally:
+                    if self.layers is not None:
+                        self.layers.untrack(out.request_id)
         return msgs
 
     def _drop_stale_prefills(self) -> list[P.Msg]:
@@ -362,6 +411,8 @@ class WorkerCore:
             except StaleBlockError as e:
                 self.prefill_jobs.pop(rid)
                 self.prefill.abort(rid)
+                if self.layers is not None:
+                    self.layers.untrack(rid)
                 msgs.append(self._error(rid, e))
         return msgs
 
@@ -371,7 +422,10 @@ class WorkerCore:
             torch.cuda.current_stream(self.pool.device).synchronize()
         lease.check(self.generations, "after the prefill step")
         lease.hash_blocks(self.pool, len(req.prompt_ids), self.pool_info.block_size)
-        lease.commit(req.prompt_ids)
+        written = time.time()
+        if self.layers is not None and req.request_id in self.layers.prompts:
+            written = self.layers.finish(req.request_id, lease.block_ids[:len(lease.checksums)])
+        lease.commit(req.prompt_ids, written)
         first = out.new_token_ids[0]
         reason = self.decode.finish_reason_for(first, job.params, 1, len(req.prompt_ids) + 1)
         if reason is not None:   # nothing left for decode: the blocks stay only as cache
@@ -414,6 +468,10 @@ class WorkerCore:
         if job is not None:
             self.prefill.abort(request_id)
             self._quietly(job.lease.release, request_id)
+        if self.layers is not None:
+            self.layers.untrack(request_id)
+        if self.prefetcher is not None:
+            self.prefetcher.cancel(request_id)
         if self.decode_jobs.pop(request_id, None) is not None:
             self.decode.abort(request_id)
         log.info("request %s aborted (%s)", request_id, reason)
@@ -434,7 +492,8 @@ class WorkerCore:
                           total_blocks=eng.block_manager.num_blocks,
                           free_blocks=eng.block_manager.num_free_blocks,
                           block_size=eng.config.block_size, max_seqs=eng.config.max_num_seqs,
-                          incarnation=self.incarnation, tp=self.shape[0], pp=self.shape[1])
+                          incarnation=self.incarnation, tp=self.shape[0], pp=self.shape[1],
+                          kv_transport=self.transport)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -464,6 +523,8 @@ class WorkerCore:
                 "decode_jobs": len(self.decode_jobs), "kv_verify": self.kv_verify,
                 "kv_checksum_failures": self.checksum_failures,
                 "kv_transport": self.transport, "tp": self.shape[0], "pp": self.shape[1],
+                "kv_prefetch": dict(self.prefetcher.stats, held_mb=self.prefetcher.bytes_held >> 20)
+                if self.prefetcher else None,
                 "ranks": self.decode.group.rank_health() if self.decode.group else []}
 
     def progress(self, now: float) -> tuple[float, float]:

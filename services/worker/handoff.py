@@ -83,13 +83,14 @@ class PrefillLease:
         expired, or the gateway gave this worker up for dead): never write or commit then."""
         check_generations(generations, self.block_ids, self.generations, when)
 
-    def commit(self, prompt_ids: list[int]) -> None:
+    def commit(self, prompt_ids: list[int], written_ts: float = 0.0) -> None:
         if self.checksums is None:
-            self.store.commit(self.request_id, self.lease_id, self.block_ids, prompt_ids)
+            self.store.commit(self.request_id, self.lease_id, self.block_ids, prompt_ids,
+                              written_ts=written_ts)
         else:   # the blocks that hold the prompt, each with its checksum
             n = len(self.checksums)
             self.store.commit(self.request_id, self.lease_id, self.block_ids[:n], prompt_ids,
-                              self.checksums)
+                              self.checksums, written_ts)
 
     def release(self) -> None:
         self.store.release(self.request_id, self.lease_id)
@@ -166,27 +167,46 @@ class DecodeClaim:
         without copies), MAX_READ_BLOCKS at a time; check each batch's generations, verify
         the checksums, copy each block into the local cache."""
         shape = [info.num_layers, 2, info.block_size, info.num_kv_heads, info.head_dim]
-        kind, pick = checksum_kind(info), set(self._picked())
+        pick = set(self._picked())
         for start in range(0, len(self.src_blocks), MAX_READ_BLOCKS):
             ids = self.src_blocks[start:start + MAX_READ_BLOCKS]
             got = store.read(self.request_id, self.lease_id, ids)
             if list(got.generations) != self.generations[start:start + len(ids)]:
                 raise StaleBlockError(f"KV blocks recycled before the read (block, expected, "
                                       f"found): {list(zip(ids, self.generations[start:], got.generations))[:4]}")
-            blocks = []
-            for i, frame in enumerate(got.frames):
-                block = tcp.from_frame(frame, info.dtype, shape).unsqueeze(0)
-                j = start + i
-                if j in pick:
-                    [have] = block_checksums(block, [0], kind)
-                    if have != self.checksums[j]:
-                        raise KVChecksumError(f"KV checksum mismatch after the tcp read: block "
-                                              f"{ids[i]} does not hold what its writer committed",
-                                              [ids[i]])
-                blocks.append(block[0])
-            dst = dst_blocks[start:start + len(ids)]
-            if hasattr(cache, "load_blocks"):   # a TP/PP group: one broadcast to the ranks
-                cache.load_blocks(torch.stack(blocks), dst)
-            else:
-                for block, d in zip(blocks, dst):
-                    cache.load_block(block, d)
+            blocks = [tcp.from_frame(f, info.dtype, shape) for f in got.frames]
+            self._load_verified(cache, info, blocks, start, dst_blocks, pick, "the tcp read")
+
+    def load_staged(self, cache, info: P.KVPoolInfo, staging: torch.Tensor,
+                    dst_blocks: list[int]) -> None:
+        """The layer-wise tcp hand-off's end: the claimed blocks, already fetched layer by
+        layer into `staging` (the store's layout), verified and copied into the cache."""
+        if staging.shape[0] != len(self.src_blocks):
+            raise ValueError(f"{staging.shape[0]} staged blocks for a claim of "
+                             f"{len(self.src_blocks)}")
+        pick = set(self._picked())
+        for start in range(0, len(self.src_blocks), MAX_READ_BLOCKS):
+            blocks = list(staging[start:start + MAX_READ_BLOCKS])
+            self._load_verified(cache, info, blocks, start, dst_blocks, pick,
+                                "the layer-wise tcp read")
+
+    def _load_verified(self, cache, info: P.KVPoolInfo, blocks: list[torch.Tensor], start: int,
+                       dst_blocks: list[int], pick: set[int], when: str) -> None:
+        """Blocks start.. of the claim, held here in the store's layout: the picked ones'
+        checksums verified (KVChecksumError: none of them is loaded), then each copied
+        into its local block (a TP/PP group: one broadcast to the ranks)."""
+        kind = checksum_kind(info)
+        for i, block in enumerate(blocks):
+            j = start + i
+            if j in pick:
+                [have] = block_checksums(block.unsqueeze(0), [0], kind)
+                if have != self.checksums[j]:
+                    raise KVChecksumError(f"KV checksum mismatch after {when}: block "
+                                          f"{self.src_blocks[j]} does not hold what its writer "
+                                          f"committed", [self.src_blocks[j]])
+        dst = dst_blocks[start:start + len(blocks)]
+        if hasattr(cache, "load_blocks"):   # a TP/PP group: one broadcast to the ranks
+            cache.load_blocks(torch.stack(blocks), dst)
+        else:
+            for block, d in zip(blocks, dst):
+                cache.load_block(block, d)

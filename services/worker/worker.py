@@ -1,6 +1,7 @@
 """The worker process: a WorkerCore behind one DEALER to the gateway.
 
-Three threads, so neither liveness nor leases wait for the model:
+Three threads (four for a decode worker reading hand-offs over tcp), so neither liveness
+nor leases wait for the model:
   - the engine loop (the main thread) runs the core: it applies the gateway's messages,
     steps the engines, and pushes what they produce to the IO thread over an inproc pipe;
   - the IO thread owns the DEALER: it forwards those messages,
@@ -8,7 +9,9 @@ Three threads, so neither liveness nor leases wait for the model:
     step of any length), and watches the gateway (Paranoid Pirate: a silent gateway
     means reconnect with backoff and register again, aborting what it had sent us);
   - the lease keeper renews the store leases of the prompts held here, from that same
-    snapshot and with a store client of its own, so a long step cannot let them expire.
+    snapshot and with a store client of its own, so a long step cannot let them expire;
+  - the prefetcher (decode over tcp) fetches the layers of prompts still prefilling
+    elsewhere, with a store client of its own (layerwise.py).
 """
 from __future__ import annotations
 
@@ -102,7 +105,10 @@ class Worker:
         self.group = engine.group      # the GroupLeader of a TP/PP group, else None
         try:
             self.core = WorkerCore(config.worker_id, config.role, engine, store,
-                                   kv_verify=config.kv_verify, kv_transport=config.kv_transport)
+                                   kv_verify=config.kv_verify, kv_transport=config.kv_transport,
+                                   layerwise_min_tokens=config.layerwise_min_tokens,
+                                   prefetch_max_bytes=config.prefetch_max_mb << 20,
+                                   prefetch_threaded=True)
         except BaseException:
             if self.group is not None:
                 self.group.stop("the worker could not start")
@@ -139,6 +145,9 @@ class Worker:
                         self.core.abort_all(item.reason)
                     else:
                         msgs += self.core.handle(item)
+                for m in msgs:   # before the step: a PrefillStarted must not wait for it
+                    out.send_multipart(P.encode(m), copy=False)
+                msgs = []
                 if self.core.has_work():
                     if self.cores is not None:
                         n = self.cores.begin_step()
@@ -183,10 +192,12 @@ class Worker:
         pipe.bind(self._out_addr)
         io = threading.Thread(target=self._io_loop, args=(pipe,), name="duet-io", daemon=True)
         keeper = threading.Thread(target=self._keep_leases, name="duet-leases", daemon=True)
+        prefetch = threading.Thread(target=self._prefetch, name="duet-prefetch", daemon=True)
         self._connect_gateway()
         io.start()
         if self.cfg.kvstore_addr:
             keeper.start()
+            prefetch.start()
         log.info("worker %s up: role=%s gateway=%s", self.cfg.worker_id, self.core.role,
                  self.cfg.gateway_addr)
         try:
@@ -194,8 +205,9 @@ class Worker:
         finally:
             self.stop_event.set()
             io.join(10)
-            if keeper.is_alive():
-                keeper.join(10)
+            for t in (keeper, prefetch):
+                if t.is_alive():
+                    t.join(10)
             self._forward(pipe)   # the engine's last words (aborts) still reach the gateway
             pipe.close(linger=0)
             self.close()
@@ -309,6 +321,32 @@ class Worker:
                         kv.renew(ids)
                     except KVStoreError as e:
                         log.warning("renewing %d leases failed: %s", len(ids), e)
+
+    # -- prefetch thread (decode over tcp) ---------------------------------------------------
+    def _prefetch(self) -> None:
+        """Poll the store for the layers of the prefetch jobs, each when it is due; idle
+        while there are none (or this worker maps the pool: no prefetcher)."""
+        from services.kvstore.client import KVStoreClient
+        try:   # behind this worker's own steps, and a prefill sharing the host, for the CPU
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except OSError:
+            pass
+        with KVStoreClient(self.ctx, self.cfg.kvstore_addr, f"{self.cfg.worker_id}-prefetch",
+                           curve=self.curve, timeout_s=STORE_TIMEOUT_S) as kv:
+            while not self.stop_event.is_set():
+                pf = self.core.prefetcher   # replaced when the store restarts
+                due = pf.next_due() if pf is not None else None
+                if due is None or due > 0:
+                    wake = pf.wake if pf is not None else self.stop_event
+                    wake.wait(min(due if due is not None else 0.5, 0.5))
+                    if pf is not None:
+                        pf.wake.clear()
+                    continue
+                try:
+                    pf.poll(kv)
+                except Exception:   # a bug here must not take the worker down
+                    log.exception("layer-wise prefetch failed")
+                    self.stop_event.wait(0.5)
 
     def close(self) -> None:
         if self.sock is not None:

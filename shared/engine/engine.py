@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
 
@@ -20,7 +22,7 @@ from shared.engine.outputs import RequestOutput
 from shared.engine.packed_linear import pack_linears
 from shared.engine.sampler import sample
 from shared.engine.sampling_params import SamplingParams
-from shared.engine.scheduler import Scheduler
+from shared.engine.scheduler import ScheduledBatch, Scheduler
 from shared.engine.sequence import Sequence, SeqStatus
 from shared.models.llama import LlamaForCausalLM
 
@@ -68,6 +70,9 @@ class LLMEngine:
         self.group = getattr(runner, "leader", None)   # the GroupLeader of a TP/PP group
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
+        # called with each scheduled batch, a context manager around running it (the
+        # layer-wise hand-off publishes per layer inside it); None: nobody watches
+        self.step_observer: Callable[[ScheduledBatch], ContextManager] | None = None
         self.guides = Guides(tokenizer, mc.vocab_size, tuple(sorted(self.eos_token_ids)))
 
     @classmethod
@@ -177,7 +182,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, samplers = self.runner.run(batch)
+        with self.step_observer(batch) if self.step_observer else nullcontext():
+            logits, samplers = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
             self.block_manager.commit_full_blocks(seq)

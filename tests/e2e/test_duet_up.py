@@ -36,6 +36,11 @@ def _pids_using(run_dir: str) -> list[int]:
 @pytest.fixture
 def duet_up(smollm2_dir, tmp_path, monkeypatch):
     home = tmp_path / "home"
+    # the CPU kernels this suite built (tests/conftest.py), keyed by their sources' hash:
+    # a fresh home would compile them again inside the readiness wait below
+    from duet_kernels import cpu_kernels
+    home.mkdir()
+    (home / "build").symlink_to(cpu_kernels._build_dir().parent, target_is_directory=True)
     monkeypatch.setenv("DUET_HOME", str(home))
     port, admin, supervisor = free_port(), free_port(), free_port()
     proc = subprocess.Popen(

@@ -197,6 +197,28 @@ def test_tcp_handoff_gives_the_text_of_shm_and_colocated(disagg_tcp, smollm2_eng
     wait_idle(disagg_tcp)
 
 
+def test_layerwise_tcp_handoff_fetches_layer_0_while_prefill_computes(disagg_tcp,
+                                                                      smollm2_engine):
+    """A 2k-token prompt handed over tcp layer by layer: the store's timeline of its lease
+    shows the decode worker fetching the first block's layer 0 before prefill wrote its
+    last layer, and most of the KV crossing before the commit; the text is the engine's."""
+    tok = smollm2_engine.tokenizer
+    ids = tok.encode("Layer by layer, the cache leaves before the prompt is done. " * 200)[:2000]
+    want = engine_text(smollm2_engine, ids, 8)[0]
+    r = client(disagg_tcp).completions.create(model="smollm2", prompt=ids, max_tokens=8,
+                                              temperature=0)
+    assert r.choices[0].text == want
+    wait_idle(disagg_tcp)
+    [line] = [h for h in kv_stats(disagg_tcp)["handoffs"] if h["blocks"] == 125]
+    layers = smollm2_engine.model.config.num_layers
+    assert line["layers_read"] == 125 * layers              # every slice once, none twice
+    assert 0 < line["first_read_ts"] < line["written_ts"] <= line["committed_ts"]
+    early = line["layers_read_before_commit"] / line["layers_read"]
+    assert early > 0.5, line                                 # the bulk crossed during prefill
+    print(f"\n2k-token prompt: layer 0 fetched {line['written_ts'] - line['first_read_ts']:.2f}s "
+          f"before the last layer was written; {early:.0%} of the KV crossed before the commit")
+
+
 def _metric(mesh, name: str) -> float:
     with urllib.request.urlopen(mesh.url + "/metrics", timeout=10) as r:
         for line in r.read().decode().splitlines():

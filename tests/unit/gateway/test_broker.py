@@ -467,3 +467,81 @@ def test_corrupt_cached_prefix_found_by_prefill_is_dispatched_again(clock):
     [(who, req)] = sent(out)
     assert who == "prefill-0" and isinstance(req, P.PrefillRequest) and not out.deliveries
     assert b.counters["kv_checksum_failures"] == 1 and f.retries == 1
+
+
+# -- layer-wise hand-offs -------------------------------------------------------------------
+def register_tcp(b, worker_id, free=100):
+    return b.on_message(worker_id.encode(), P.Register(
+        worker_id=worker_id, role="decode", model="m", devices=["cpu"], max_batch_tokens=512,
+        total_blocks=100, free_blocks=free, kv_transport="tcp"))
+
+
+def started(rid="r1", lease=5) -> P.PrefillStarted:
+    return P.PrefillStarted(request_id=rid, lease_id=lease,
+                            kv=P.KVRef(handle=HANDLE, block_ids=[3, 4, 5], generations=[1, 1, 1],
+                                       num_tokens=len(PROMPT)))
+
+
+def test_a_decode_worker_reading_over_tcp_prefetches_and_gets_the_handoff(clock):
+    b = broker(clock)
+    register(b, "prefill-0", "prefill")
+    register_tcp(b, "decode-0")
+    f = flight()
+    b.start(f)
+    out = b.on_message(b"prefill-0", started())
+    [(who, pre)] = sent(out)
+    assert who == "decode-0" and isinstance(pre, P.KVPrefetch)
+    assert (pre.request_id, pre.lease_id, pre.kv.block_ids) == ("r1", 5, [3, 4, 5])
+    assert b.router.workers[b"decode-0"].free_blocks == 97   # 48 tokens' blocks reserved
+    out = b.on_message(b"prefill-0", prefill_done())
+    [(who, dec)] = sent(out)
+    assert who == "decode-0" and isinstance(dec, P.DecodeRequest) and dec.lease_id == 5
+    assert b.router.workers[b"decode-0"].free_blocks == 97   # not reserved twice
+    # a worker that maps the pool gets no prefetch: its copy is quick
+    b2 = broker(clock)
+    register(b2, "prefill-0", "prefill")
+    register(b2, "decode-0", "decode")
+    b2.start(flight())
+    assert sent(b2.on_message(b"prefill-0", started())) == []
+
+
+def test_a_prefetching_worker_that_dies_or_loses_the_request_is_told_to_drop_it(clock):
+    b = broker(clock)
+    register(b, "prefill-0", "prefill")
+    register_tcp(b, "decode-0", free=100)
+    register_tcp(b, "decode-1", free=90)
+    f = flight()
+    b.start(f)
+    b.on_message(b"prefill-0", started())
+    assert f.prefetch_to == b"decode-0"
+    b.set_drain("decode-0", True)                 # drained meanwhile: the hand-off goes on
+    out = b.on_message(b"prefill-0", prefill_done())
+    assert [(w, type(m).__name__) for w, m in sent(out)] == [("decode-0", "Abort"),
+                                                            ("decode-1", "DecodeRequest")]
+    # the client goes away during prefill: the prefill worker and the prefetcher let go
+    b.set_drain("decode-0", False)
+    b.start(flight("r2"))
+    b.on_message(b"prefill-0", started("r2", lease=6))
+    out = b.abort("r2")
+    assert sorted((w, type(m).__name__) for w, m in sent(out)) == [("decode-0", "Abort"),
+                                                                  ("prefill-0", "Abort")]
+    # the prefill worker dies: the flight is prefilled again, the old prefetch dropped
+    register(b, "prefill-1", "prefill")
+    f3 = flight("r3")
+    b.start(f3)
+    holder = f3.worker.decode()
+    b.on_message(f3.worker, started("r3", lease=7))
+    fetcher = f3.prefetch_to.decode()
+    clock.t += 10                                  # only the other workers heart-beat
+    for w in ("decode-0", "decode-1", "prefill-1" if holder == "prefill-0" else "prefill-0"):
+        beat(b, w)
+    out = b.tick()
+    assert [w for w, m in sent(out, P.Abort) if m.request_id == "r3"] == [fetcher]
+    assert f3.worker != holder.encode() and f3.prefetch_to is None
+    # and a prefill that ends the request at token 1 drops the prefetch too
+    f4 = flight("r4")
+    b.start(f4)
+    b.on_message(f4.worker, started("r4", lease=8))
+    fetcher = f4.prefetch_to.decode()
+    out = b.on_message(f4.worker, prefill_done("r4", lease=8, finish="stop"))
+    assert [w for w, m in sent(out, P.Abort)] == [fetcher] and f4.prefetch_to is None
