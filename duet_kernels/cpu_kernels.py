@@ -31,7 +31,8 @@ _failed: str | None = None
 def _build_dir() -> Path:
     # $DUET_HOME as shared.models.hub.duet_home() reads it; no import of shared/, so the
     # image build can compile these before Duet's other code is in (compose/Dockerfile)
-    home = Path(os.environ.get("DUET_HOME", Path.home() / ".cache" / "duet"))
+    # resolved: the build's recorded paths must not depend on a symlink on the way there
+    home = Path(os.environ.get("DUET_HOME", Path.home() / ".cache" / "duet")).resolve()
     key = hashlib.sha256()
     for src in _SOURCES + _HEADERS:
         key.update(src.read_bytes())
