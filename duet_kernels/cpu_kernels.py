@@ -31,17 +31,19 @@ _failed: str | None = None
 def _build_dir() -> Path:
     # $DUET_HOME as shared.models.hub.duet_home() reads it; no import of shared/, so the
     # image build can compile these before Duet's other code is in (compose/Dockerfile)
-    # resolved: the build's recorded paths must not depend on a symlink on the way there
-    home = Path(os.environ.get("DUET_HOME", Path.home() / ".cache" / "duet")).resolve()
+    home = Path(os.environ.get("DUET_HOME", Path.home() / ".cache" / "duet"))
     key = hashlib.sha256()
     for src in _SOURCES + _HEADERS:
         key.update(src.read_bytes())
     key.update(torch.__version__.encode())
-    try:
-        key.update(Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0])
+    try:   # what -march=native compiles for: the model and its flags (not its clock)
+        first = Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0]
+        key.update(b"".join(line for line in first.splitlines(keepends=True)
+                            if line.startswith((b"model name", b"flags", b"vendor_id"))))
     except OSError:
         key.update(platform.processor().encode())
-    return home / "build" / f"cpu-kernels-{key.hexdigest()[:16]}"
+    # resolved: the build's recorded paths must not depend on a symlink on the way there
+    return (home / "build").resolve() / f"cpu-kernels-{key.hexdigest()[:16]}"
 
 
 def load():
