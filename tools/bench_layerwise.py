@@ -2,7 +2,7 @@
 long prompts, with the decode worker reading over tcp layer by layer, over tcp after the
 prefill, and mapping the pool (shm), one mesh after another on this machine.
 
-    python tools/bench_layerwise.py [--lengths 1024,4096] [--reps 3]
+    python tools/bench_layerwise.py [--lengths 1024,4096] [--reps 3] [--rounds 2]
         [--json results/bench_layerwise.json]
 
 Each mode is `duet up`'s 1 prefill + 1 decode mesh on SmolLM2 (bf16 where the CPU runs
@@ -12,7 +12,8 @@ layer-wise (the default 512: each layer fetched while prefill computes the next)
 streaming /v1/completions request at a time, a fresh random prompt each (no prefix hits),
 8 tokens out. Token 1 comes from prefill, so the hand-off shows in token 2: TTFT, time to
 token 2 (TT2T), and the decode side's kv_handoff stage (its claim to its copy) from the
-gateway's /metrics. Medians over --reps.
+gateway's /metrics. The modes take turns --rounds times (this VM's speed drifts by
++-20% over minutes); medians over every round's --reps.
 """
 from __future__ import annotations
 
@@ -60,40 +61,46 @@ def handoff_sum(url: str) -> tuple[float, float]:
     return s, c
 
 
-def run_mode(name: str, model_dir: str, lengths: list[int], reps: int, vocab: int) -> list[dict]:
+def run_mode(name: str, model_dir: str, lengths: list[int], reps: int, vocab: int,
+             seed: int, samples: dict) -> None:
+    """One mesh of this mode: --reps requests per length, into samples[(mode, length)]."""
     from tools.up import start_mesh
     mesh = start_mesh(model_dir, tempfile.mkdtemp(prefix="bench-lw-"), prefill=1, decode=1,
                       dtype="auto", kv_blocks=2048, worker_blocks=2048, **MODES[name])
-    rng = random.Random(0)
-    rows = []
+    rng = random.Random(seed)
     try:
         stream(mesh.url, [rng.randrange(100, vocab) for _ in range(600)])   # warm-up
         for n in lengths:
-            ttft, tt2t, handoff = [], [], []
+            got = samples.setdefault((name, n), {"ttft": [], "tt2t": [], "handoff": [],
+                                                  "early": []})
             for _ in range(reps):
                 s0, c0 = handoff_sum(mesh.url)
                 a, b = stream(mesh.url, [rng.randrange(100, vocab) for _ in range(n)])
                 s1, c1 = handoff_sum(mesh.url)
-                ttft.append(a)
-                tt2t.append(b)
-                handoff.append((s1 - s0) / max(c1 - c0, 1))
-            row = {"mode": name, "prompt_tokens": n,
-                   "ttft_ms": round(1e3 * statistics.median(ttft), 1),
-                   "tt2t_ms": round(1e3 * statistics.median(tt2t), 1),
-                   "kv_handoff_ms": round(1e3 * statistics.median(handoff), 2)}
-            if name != "shm":
+                got["ttft"].append(a)
+                got["tt2t"].append(b)
+                got["handoff"].append((s1 - s0) / max(c1 - c0, 1))
                 lines = [h for h in mesh.kv_status()["handoffs"] if h["blocks"] >= n // 16]
-                if lines:
+                if name != "shm" and lines:
                     h = lines[-1]
-                    row["early_share"] = round(h["layers_read_before_commit"]
-                                               / max(h["layers_read"], 1), 3)
-            rows.append(row)
-            print(f"  {name:15s} {n:5d} tokens: TTFT {row['ttft_ms']:8.1f} ms  "
-                  f"token 2 at {row['tt2t_ms']:8.1f} ms  kv_handoff {row['kv_handoff_ms']:7.2f} ms"
-                  + (f"  fetched before commit {row['early_share']:.0%}"
-                     if "early_share" in row else ""), flush=True)
+                    got["early"].append(h["layers_read_before_commit"] / max(h["layers_read"], 1))
+            print(f"  {name:15s} {n:5d} tokens: TTFT {1e3 * got['ttft'][-1]:8.1f} ms  token 2 "
+                  f"at {1e3 * got['tt2t'][-1]:8.1f} ms", flush=True)
     finally:
         mesh.stop()
+
+
+def summarize(samples: dict) -> list[dict]:
+    med = statistics.median
+    rows = []
+    for (name, n), got in samples.items():
+        row = {"mode": name, "prompt_tokens": n, "samples": len(got["ttft"]),
+               "ttft_ms": round(1e3 * med(got["ttft"]), 1),
+               "tt2t_ms": round(1e3 * med(got["tt2t"]), 1),
+               "kv_handoff_ms": round(1e3 * med(got["handoff"]), 2)}
+        if got["early"]:
+            row["early_share"] = round(med(got["early"]), 3)
+        rows.append(row)
     return rows
 
 
@@ -101,6 +108,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", default="1024,4096")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--json", default="results/bench_layerwise.json")
     a = ap.parse_args()
@@ -109,10 +117,13 @@ def main() -> int:
     model_dir = str(resolve_model("smollm2"))
     vocab = ModelConfig.from_dir(model_dir).vocab_size
     lengths = [int(x) for x in a.lengths.split(",")]
-    rows = []
-    for name in a.modes.split(","):
-        rows += run_mode(name, model_dir, lengths, a.reps, vocab)
-    print("\n| mode | prompt | TTFT ms | token 2 at ms | kv_handoff ms | fetched before commit |")
+    samples: dict = {}
+    for r in range(a.rounds):
+        for name in a.modes.split(","):
+            run_mode(name, model_dir, lengths, a.reps, vocab, r, samples)
+    rows = summarize(samples)
+    print("\n| mode | prompt tokens | TTFT ms | token 2 at ms | kv_handoff ms | "
+          "fetched before commit |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         share = f"{r['early_share']:.0%}" if "early_share" in r else "–"

@@ -35,8 +35,11 @@ def group_run(model: str, *args: str) -> dict:
 def engine_rows(model: str, prompt: list[int], streams: int, max_tokens: int) -> list[dict]:
     rows = []
     for label, shape in (("TP=1", ["--plain"]), ("TP=3", ["--tp", "3"]),
-                         ("PP=2 (1 micro-batch)", ["--pp", "2", "--micro-batches", "1"]),
-                         ("PP=2 (2 micro-batches)", ["--pp", "2", "--micro-batches", "2"])):
+                         ("PP=2, 1 step in flight", ["--pp", "2", "--micro-batches", "1",
+                                                     "--no-pipeline"]),
+                         ("PP=2, 1 step, 2 micro-batches", ["--pp", "2", "--micro-batches", "2",
+                                                            "--no-pipeline"]),
+                         ("PP=2, 2 steps in flight", ["--pp", "2", "--micro-batches", "1"])):
         r = group_run(model, *shape, "--dtype", "auto", "--prompts",
                       json.dumps([prompt] * streams), "--max-tokens", str(max_tokens),
                       "--max-num-batched-tokens", "2048", "--num-kv-blocks", "512")
@@ -53,6 +56,8 @@ def engine_rows(model: str, prompt: list[int], streams: int, max_tokens: int) ->
             "send_recv_ms_per_step": round(1000 * (comm.get("isend", {}).get("s", 0) + comm.get("wait", {}).get("s", 0)
                                                   + comm.get("recv", {}).get("s", 0)) / steps, 2),
             "broadcast_ms_per_step": round(1000 * comm.get("broadcast", {}).get("s", 0) / steps, 2),
+            "leader_wait_ms_per_step": round(1000 * r.get("leader_wait_s", 0) / steps, 2),
+            "max_in_flight": r.get("max_in_flight", 1),
             "rss_mb": [round(x) for x in r["rss_mb"]]})
         print(rows[-1], flush=True)
     return rows
@@ -111,7 +116,8 @@ def handoff_rows(model: str, requests_n: int) -> list[dict]:
 @click.option("--out", default=None)
 @click.option("--max-tokens", default=64, type=int)
 @click.option("--requests", "requests_n", default=8, type=int)
-def main(model, out, max_tokens, requests_n):
+@click.option("--engine-only", is_flag=True, help="skip the hand-off rows (a mesh per pair)")
+def main(model, out, max_tokens, requests_n, engine_only):
     from shared.models.hub import resolve_model
     from shared.tokenization import Tokenizer
     path = str(resolve_model(model))
@@ -122,12 +128,14 @@ def main(model, out, max_tokens, requests_n):
     t0 = time.time()
     result = {"cores": os.cpu_count(), "prompt_tokens": len(prompt), "max_tokens": max_tokens,
               "engine": engine_rows(path, prompt, 1, max_tokens) + engine_rows(path, prompt, 8, max_tokens),
-              "handoff": handoff_rows(path, requests_n)}
+              "handoff": [] if engine_only else handoff_rows(path, requests_n)}
     result["seconds"] = round(time.time() - t0)
-    print(f"\n{'shape':<22} streams  TTFT ms  decode tok/s  step ms  all-reduce ms/step  send+recv ms/step")
+    print(f"\n{'shape':<30} streams  TTFT ms  decode tok/s  step ms  all-reduce ms/step  "
+          f"send+recv ms/step  leader waiting ms/step")
     for r in result["engine"]:
-        print(f"{r['shape']:<22} {r['streams']:>7} {r['ttft_ms']:>8} {r['decode_tok_s']:>13} "
-              f"{r['step_ms']:>8} {r['all_reduce_ms_per_step']:>19} {r['send_recv_ms_per_step']:>18}")
+        print(f"{r['shape']:<30} {r['streams']:>7} {r['ttft_ms']:>8} {r['decode_tok_s']:>13} "
+              f"{r['step_ms']:>8} {r['all_reduce_ms_per_step']:>19} {r['send_recv_ms_per_step']:>18}"
+              f" {r['leader_wait_ms_per_step']:>23}")
     print("\nprefill -> decode   TTFT ms  KV hand-off ms  share of TTFT")
     for r in result["handoff"]:
         print(f"{r['pair']:<18} {r['ttft_ms']:>8} {r['kv_handoff_ms']:>15} {r['handoff_share_pct']:>13}%")

@@ -1,6 +1,7 @@
 """Run prompts through one engine on a TP x PP group (this process leads, the other ranks
 are spawned) and print what came out as JSON: each prompt's tokens, each rank's RSS, step
-timings; optionally every step's logits (torch.save) to compare shapes with.
+timings; optionally every sampled token's logits (torch.save, keyed by request and
+position, so that shapes scheduling steps differently still compare).
 
     python tools/group_run.py --model DIR --tp 2 --pp 2 --prompts '[[1,2,3],[4,5]]'
     python tools/group_run.py --plain ...      # the single-process engine, for reference
@@ -36,13 +37,15 @@ def rss_mb(pid: int) -> float:
 @click.option("--max-num-batched-tokens", default=512, type=int)
 @click.option("--num-kv-blocks", default=256, type=int)
 @click.option("--threads", default=None, type=int)
-@click.option("--logits-out", default=None, help="torch.save every step's logits here")
+@click.option("--logits-out", default=None, help="torch.save every token's logits here")
 @click.option("--micro-batches", default=2, type=int, help="per step, with PP > 1")
+@click.option("--no-pipeline", is_flag=True, help="PP decode: one step in flight, not PP")
 @click.option("--micro-batch-min-tokens", default=None, type=int,
               help="smallest step split into micro-batches (default: the runner's)")
 @click.option("--stagger", is_flag=True, help="add the prompts one step apart (mixed batches)")
 def main(model, tp, pp, plain, dtype, prompts_json, max_tokens, max_num_batched_tokens,
-         num_kv_blocks, threads, logits_out, micro_batches, micro_batch_min_tokens, stagger):
+         num_kv_blocks, threads, logits_out, micro_batches, no_pipeline, micro_batch_min_tokens,
+         stagger):
     import torch
 
     from shared.config import EngineConfig
@@ -61,20 +64,26 @@ def main(model, tp, pp, plain, dtype, prompts_json, max_tokens, max_num_batched_
         eng = LLMEngine(load_model(resolve_model(model), cfg.resolved_dtype()), cfg)
     else:
         procs = spawn_followers(cfg, tp, pp, log_level="WARNING")
-        eng = build_group_engine(cfg, tp, pp, procs, micro_batches=micro_batches)
+        eng = build_group_engine(cfg, tp, pp, procs, micro_batches=micro_batches,
+                                 pipeline_decode=not no_pipeline)
         if micro_batch_min_tokens is not None:
             eng.group.micro_batch_min_tokens = micro_batch_min_tokens
     load_s = time.perf_counter() - t0
     rss = [rss_mb(os.getpid())] + [rss_mb(p.pid) for p in procs]
-    recorded = []
+    recorded = {}
+    if logits_out and eng.group is not None:
+        eng.group.sample_on_last = False   # the logits themselves must come to the leader
     if logits_out:
-        run = eng.runner.run
-
-        def recording(batch):
-            logits, seqs = run(batch)
-            recorded.append(logits.clone())
-            return logits, seqs
-        eng.runner.run = recording
+        def keyed(fn):
+            def call(arg):
+                logits, seqs = fn(arg)
+                for row, s in zip(logits, seqs):   # the logits of token len(s) of s
+                    recorded[f"{s.request_id}/{s.index}/{len(s)}"] = row.clone()
+                return logits, seqs
+            return call
+        eng.runner.run = keyed(eng.runner.run)
+        if hasattr(eng.runner, "collect"):
+            eng.runner.collect = keyed(eng.runner.collect)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     ids = [f"p{i}" for i in range(len(prompts))]
     out = {rid: [] for rid in ids}
@@ -99,9 +108,10 @@ def main(model, tp, pp, plain, dtype, prompts_json, max_tokens, max_num_batched_
     group = eng.group
     result = {"tokens": [out[r] for r in ids], "rss_mb": rss, "load_s": load_s,
               "generate_s": gen_s, "steps": steps, "first_token_s": [first_token_s[r] for r in ids],
-              "idle": eng.idle_counts()}
+              "idle": eng.idle_counts(), "max_in_flight": eng.stats.max_in_flight}
     if group is not None:
         result["comm"] = group.group.stats()
+        result["leader_step_s"], result["leader_wait_s"] = group.step_s, group.wait_s
         group.stop("done")
     print(json.dumps(result))
 

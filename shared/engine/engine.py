@@ -1,12 +1,18 @@
 """LLMEngine: the in-process core that prefill and decode workers wrap.
 
     step() = schedule -> run the model -> sample -> update sequences
+
+A runner with depth > 1 (a pipeline-parallel group's decode) keeps that many steps in
+flight over disjoint sequences: step() submits the next one, and once the pipeline is
+full (or nothing more can go in) takes the oldest one back, so every stage has work while
+the leader waits for the last.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager
@@ -20,7 +26,7 @@ from shared.engine.kv_cache import LocalKVCache
 from shared.engine.model_runner import ModelRunner
 from shared.engine.outputs import RequestOutput
 from shared.engine.packed_linear import pack_linears
-from shared.engine.sampler import sample
+from shared.engine.sampler import SampleResult, sample
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import ScheduledBatch, Scheduler
 from shared.engine.sequence import Sequence, SeqStatus
@@ -34,6 +40,7 @@ class EngineStats:
     steps: int = 0
     prompt_tokens_computed: int = 0
     decode_tokens: int = 0
+    max_in_flight: int = 0      # steps in flight at once, at most (a pipelined group's)
 
 
 class LLMEngine:
@@ -73,6 +80,7 @@ class LLMEngine:
         # called with each scheduled batch, a context manager around running it (the
         # layer-wise hand-off publishes per layer inside it); None: nobody watches
         self.step_observer: Callable[[ScheduledBatch], ContextManager] | None = None
+        self.in_flight: deque = deque()   # (batch, what runner.submit returned), oldest first
         self.guides = Guides(tokenizer, mc.vocab_size, tuple(sorted(self.eos_token_ids)))
 
     @classmethod
@@ -175,26 +183,64 @@ class LLMEngine:
         return outs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     # -- the loop ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        depth = getattr(self.runner, "depth", 1)
+        if depth > 1 or self.in_flight:
+            return self._step_pipelined(depth)
         batch = self.scheduler.schedule()
         if not batch:
             return []
         with self.step_observer(batch) if self.step_observer else nullcontext():
             logits, samplers = self.runner.run(batch)
+        self.stats.max_in_flight = max(self.stats.max_in_flight, 1)
+        return self._after(batch, logits, samplers)
+
+    def _step_pipelined(self, depth: int) -> list[RequestOutput]:
+        """Submit a step over sequences not in flight (at most 1/depth of the active ones,
+        so the steps in flight share them); take the oldest back once `depth` are in
+        flight or nothing more could go in."""
+        batch = None
+        if len(self.in_flight) < depth:
+            busy = frozenset(id(s) for b, _ in self.in_flight for s in b.seqs)
+            active = len(self.scheduler.running) + len(self.scheduler.waiting)
+            batch = self.scheduler.schedule(busy, max_seqs=max(1, -(-active // depth)))
+            if batch:
+                self.in_flight.append((batch, self.runner.submit(batch)))
+                self.stats.max_in_flight = max(self.stats.max_in_flight, len(self.in_flight))
+                if len(self.in_flight) < depth:
+                    return []
+        if not self.in_flight:
+            return []
+        done, submitted = self.in_flight.popleft()
+        logits, samplers = self.runner.collect(submitted)
+        # a sequence aborted while its step was in flight: its blocks are gone, its token too
+        keep = [i for i, s in enumerate(samplers) if not s.is_finished]
+        if len(keep) < len(samplers):
+            logits, samplers = logits[keep], [samplers[i] for i in keep]
+        return self._after(done, logits, samplers)
+
+    def _after(self, batch: ScheduledBatch, logits: torch.Tensor, samplers) -> list[RequestOutput]:
+        """Account a step that came back: computed tokens, full blocks, sampling."""
         for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.is_finished:
+                continue
             seq.num_computed_tokens += n
             self.block_manager.commit_full_blocks(seq)
             if len(seq) - n < seq.num_prompt_tokens:
                 self.stats.prompt_tokens_computed += min(n, seq.num_prompt_tokens - (len(seq) - n))
         self.stats.steps += 1
         outputs = []
-        guided = [i for i, s in enumerate(samplers) if s.guide is not None]
-        if guided:
-            self.guides.mask(logits, guided, [samplers[i].guide for i in guided])
-        for seq, res in zip(samplers, sample(logits, samplers)):
+        if logits.dim() == 1:   # tokens, sampled where the logits were (argmax_suffices)
+            results = [SampleResult(int(t)) for t in logits.tolist()]
+        else:
+            guided = [i for i, s in enumerate(samplers) if s.guide is not None]
+            if guided:
+                self.guides.mask(logits, guided, [samplers[i].guide for i in guided])
+            results = sample(logits, samplers)
+        for seq, res in zip(samplers, results):
             if seq.guide is not None:
                 seq.guide.consume_token(res.token_id)
             seq.append_token(res.token_id)

@@ -79,6 +79,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
     return results
 
 
+def argmax_suffices(seqs: list[Sequence]) -> bool:
+    """Whether each of these sequences' next token is just its logits' argmax (greedy, no
+    penalties, no logprobs, no grammar): a pipeline's last stage can then sample them."""
+    return bool(seqs) and all(_plain_greedy(s.params) and s.params.logprobs is None
+                              and s.guide is None for s in seqs)
+
+
 def _plain_greedy(p) -> bool:
     return p.greedy and p.repetition_penalty == 1.0 and not (p.presence_penalty
                                                               or p.frequency_penalty)

@@ -4,6 +4,10 @@ Every step, running sequences go first (a decode needs one token, an unfinished 
 its next chunk), then waiting ones are admitted while the budget, the sequence cap and
 free blocks allow. When blocks run out, the newest running sequence is preempted: its
 blocks are freed and it is recomputed later (preemption by recompute).
+
+With steps in flight (a pipelined group keeps one per stage), schedule(busy=...) skips
+the sequences whose step has not come back, never preempts them, and takes at most
+max_seqs sequences, so the steps in flight share the running ones between them.
 """
 from __future__ import annotations
 
@@ -48,17 +52,30 @@ class Scheduler:
     def num_queued_tokens(self) -> int:
         return sum(s.num_uncomputed for s in self.waiting)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, busy: frozenset[int] = frozenset(),
+                 max_seqs: int | None = None) -> ScheduledBatch:
+        """The next step's sequences and token counts. busy: id()s of sequences whose
+        step is in flight (skipped, never preempted); max_seqs: at most this many."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        cap = self.max_num_seqs if max_seqs is None else max_seqs
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(batch.seqs) < cap:
             seq = self.running[i]
+            if id(seq) in busy:
+                i += 1
+                continue
             n = min(seq.num_uncomputed, budget)
-            while not self.bm.can_append(seq, n) and self.running[-1] is not seq:
-                self._preempt(self.running.pop(), batch)
+            while not self.bm.can_append(seq, n):
+                victim = next((s for s in reversed(self.running[i + 1:]) if id(s) not in busy),
+                              None)
+                if victim is None:
+                    break
+                self.running.remove(victim)
+                self._preempt(victim, batch)
             if not self.bm.can_append(seq, n):
-                self._preempt(self.running.pop(), batch)  # seq itself: nothing else to free
+                self.running.remove(seq)
+                self._preempt(seq, batch)  # seq itself: nothing else to free
                 break
             self.bm.append_slots(seq, n)
             batch.seqs.append(seq)
@@ -66,7 +83,7 @@ class Scheduler:
             budget -= n
             i += 1
         while (self.waiting and budget > 0 and not batch.preempted
-               and len(self.running) < self.max_num_seqs):
+               and len(self.running) < self.max_num_seqs and len(batch.seqs) < cap):
             seq = self.waiting[0]
             cached = self.bm.get_cached_prefix(seq)
             n = min(len(seq) - len(cached) * self.bm.block_size, budget)

@@ -7,7 +7,9 @@ LOCAL_RANK, so a group starts under torchrun across hosts as well as from
 forever on a dead or stuck peer), and joining has its own bounded wait that ends in an
 error naming the master's address.
 
-Commands from the leader travel as msgspec bytes in a tensor broadcast (never pickle).
+Commands from the leader travel as msgspec bytes (never pickle), sent to each follower
+point to point without waiting (isend on their own tag), so the leader can send the next
+step while later stages still run the last one; every rank takes them in order.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from shared.parallel.shape import Shard
 
 log = logging.getLogger("duet.parallel")
 MAX_COMMAND_BYTES = 64 << 20
+COMMAND_TAG = 7     # commands' own p2p stream: never matched with activations or logits
 
 
 class GroupError(RuntimeError):
@@ -40,6 +43,7 @@ class Step(msgspec.Struct, tag="step", array_like=True):
     block_tables: list[list[int]]
     last_rows: list[int]
     micro_batches: int = 1          # pipeline micro-batches (see runner.split_step)
+    argmax: bool = False            # the last stage samples (greedy): tokens, not logits
 
 
 class LoadKV(msgspec.Struct, tag="load", array_like=True):
@@ -115,28 +119,35 @@ class Group:
         self.last_command = time.monotonic()
         self.failed = False   # a collective failed: the group is broken for good
         self._len = torch.zeros(1, dtype=torch.int64)
+        self._sending: list = []              # commands on their way: (work, tensor) pairs
+        self.from_last_bytes = 0              # what the leader received from the last stage
         self.comm_s: dict[str, float] = {}    # seconds spent in each kind of collective
         self.comm_n: dict[str, int] = {}
 
     def stats(self) -> dict:
-        return {k: {"calls": self.comm_n[k], "s": round(v, 4)} for k, v in self.comm_s.items()}
+        out = {k: {"calls": self.comm_n[k], "s": round(v, 4)} for k, v in self.comm_s.items()}
+        return dict(out, from_last_stage={"bytes": self.from_last_bytes})
 
     # -- commands (leader -> every rank) ---------------------------------------------------
     def send_command(self, cmd) -> None:
+        """To every other rank, without waiting for them to take it: its length, then its
+        bytes. A follower still busy with an earlier step takes it when done."""
         data = _encoder.encode(cmd)
-        self._len[0] = len(data)
-        self._collective(dist.broadcast, self._len, src=0)
+        size = torch.tensor([len(data)], dtype=torch.int64)
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        self._collective(dist.broadcast, buf, src=0)
+        self._sending = [p for p in self._sending if not p[0].is_completed()]
+        for r in range(1, self.shard.world):
+            for t in (size, buf):
+                self._sending.append((self._collective(dist.isend, t, dst=r, tag=COMMAND_TAG), t))
         self.last_command = time.monotonic()
 
     def recv_command(self):
-        self._collective(dist.broadcast, self._len, src=0)
+        self._collective(dist.recv, self._len, src=0, tag=COMMAND_TAG)
         n = int(self._len[0])
         if not 0 < n <= MAX_COMMAND_BYTES:
             raise GroupError(f"a command of {n} bytes from the leader")
         buf = torch.empty(n, dtype=torch.uint8)
-        self._collective(dist.broadcast, buf, src=0)
+        self._collective(dist.recv, buf, src=0, tag=COMMAND_TAG)
         return _decoder.decode(buf.numpy().tobytes())
 
     # -- tensors ------------------------------------------------------------------------------
@@ -172,28 +183,28 @@ class Group:
         work, _tensor = pending   # the tensor stays referenced until its send is done
         self._collective(work.wait)
 
-    def gather_logits(self, part: torch.Tensor, vocab: int):
+    def gather_vocab(self, part: torch.Tensor, vocab: int) -> torch.Tensor | None:
         """The last stage's vocabulary shards [N, vshard] -> full logits [N, vocab] on the
-        leader. Elsewhere: None, or (with PP) the pending send of the logits to the leader,
-        from the last stage's first rank."""
+        stage's first rank (the leader without PP); None on its other ranks."""
         sh = self.shard
-        first = sh.stage_ranks()[0]
-        if sh.tp > 1:
-            parts = [torch.empty_like(part) for _ in range(sh.tp)] if sh.tp_rank == 0 else None
-            self._collective(dist.gather, part, parts, dst=first, group=self.tp_group)
-            full = torch.cat(parts, dim=1)[:, :vocab] if parts is not None else None
-        else:
-            full = part[:, :vocab]
-        if sh.pp == 1 or full is None:
-            return full
-        full = full.contiguous()
-        return self._collective(dist.isend, full, dst=0, group=self.tensor_group), full
+        if sh.tp == 1:
+            return part[:, :vocab]
+        parts = [torch.empty_like(part) for _ in range(sh.tp)] if sh.tp_rank == 0 else None
+        self._collective(dist.gather, part, parts, dst=sh.stage_ranks()[0], group=self.tp_group)
+        return torch.cat(parts, dim=1)[:, :vocab] if parts is not None else None
 
-    def recv_logits(self, rows: int, vocab: int) -> torch.Tensor:
-        """Leader, with PP > 1: the logits the last stage gathered."""
-        out = torch.empty(rows, vocab, dtype=torch.float32, device=self.device)
+    def send_to_leader(self, t: torch.Tensor):
+        """With PP > 1, from the last stage's first rank: start sending what the leader
+        waits for (logits, or tokens sampled here); the pending send."""
+        t = t.contiguous()
+        return self._collective(dist.isend, t, dst=0, group=self.tensor_group), t
+
+    def recv_from_last(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Leader, with PP > 1: what the last stage sent (send_to_leader), in order."""
+        out = torch.empty(shape, dtype=dtype, device=self.device)
         self._collective(dist.recv, out, src=self.shard.stage_ranks(self.shard.pp - 1)[0],
                          group=self.tensor_group)
+        self.from_last_bytes += out.numel() * out.element_size()
         return out
 
     def barrier(self) -> None:

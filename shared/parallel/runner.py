@@ -23,6 +23,7 @@ import torch
 from shared.config import EngineConfig
 from shared.engine.kv_cache import LocalKVCache, StoreKVCache
 from shared.engine.model_runner import ModelRunner, StepInputs, prepare_step
+from shared.engine.sampler import argmax_suffices
 from shared.parallel.group import (AttachPool, Group, GroupError, LoadBlocks, LoadKV, Ping, Step,
                                    Stop)
 from shared.parallel.shape import Shard
@@ -62,20 +63,39 @@ def split_step(step: StepInputs, parts: int) -> list[StepInputs]:
     return out
 
 
+class InFlight:
+    """A step this rank has done its layers of: the sends still on their way, the logits
+    (or greedy tokens) it holds (the last stage's leader rank) and the parts whose logits
+    come later."""
+
+    def __init__(self, parts: list[StepInputs], argmax: bool):
+        self.parts, self.argmax, self.pending, self.logits = parts, argmax, [], []
+
+
 def run_step(group: Group, model: ShardedLlama, runner: ModelRunner,
-             step: StepInputs, micro_batches: int = 1) -> torch.Tensor | None:
+             step: StepInputs, micro_batches: int = 1, argmax: bool = False) -> torch.Tensor | None:
     """This rank's part of one step; the leader gets logits [N, vocab] fp32 (N: the
-    sequences due a token), every other rank None.
+    sequences due a token), or with argmax (PP > 1, every row greedy) the last stage's
+    argmax tokens [N] int64 instead; every other rank None.
 
     With pipeline stages, the step's sequences go through in micro-batches: a stage sends
     one micro-batch on (without waiting for it to land) and starts the next, so stage s
     works on micro-batch i while stage s+1 works on micro-batch i-1. Every stage takes its
     micro-batches in order, so a KV block written by one is in place for the next."""
+    return finish_step(group, model,
+                       start_step(group, model, runner, step, micro_batches, argmax))
+
+
+def start_step(group: Group, model: ShardedLlama, runner: ModelRunner, step: StepInputs,
+               micro_batches: int = 1, argmax: bool = False) -> InFlight:
+    """This rank's layers of a step, up to where the leader would wait for the later
+    stages' logits: it may start the next step meanwhile (cross-step pipelining)."""
     sh, dev = group.shard, model.device
-    parts = split_step(step, micro_batches if sh.pp > 1 else 1)
-    pending, logits = [], []
+    inflight = InFlight(split_step(step, micro_batches if sh.pp > 1 else 1),
+                        argmax and sh.pp > 1)
+    pending, logits = inflight.pending, inflight.logits
     with torch.inference_mode():
-        for part in parts:
+        for part in inflight.parts:
             attn = runner.attention(part)
             positions = torch.tensor(part.positions, device=dev)
             if sh.first_stage:
@@ -90,25 +110,37 @@ def run_step(group: Group, model: ShardedLlama, runner: ModelRunner,
             if part.last_rows:
                 idx = torch.tensor(part.last_rows, device=dev)
                 hidden = model.final_norm(x[idx], residual[idx])
-                got = group.gather_logits(model.logits_shard(hidden), model.config.vocab_size)
-                if isinstance(got, torch.Tensor):
-                    logits.append(got)
-                elif got is not None:   # an isend of the logits to the leader
-                    pending.append(got)
-        if sh.rank == 0 and sh.pp > 1:
-            for part in parts:
-                if part.last_rows:
-                    logits.append(group.recv_logits(len(part.last_rows), model.config.vocab_size))
-        for work in pending:
-            group.wait(work)
+                full = group.gather_vocab(model.logits_shard(hidden), model.config.vocab_size)
+                if full is None:        # another rank of the last stage holds them
+                    continue
+                if sh.pp == 1:          # the leader is the last stage
+                    logits.append(full)
+                else:                   # on to the leader: [N] tokens if greedy, else logits
+                    pending.append(group.send_to_leader(
+                        full.argmax(-1) if inflight.argmax else full))
+    return inflight
+
+
+def finish_step(group: Group, model: ShardedLlama, inflight: InFlight) -> torch.Tensor | None:
+    """The rest of a started step: the leader receives what the last stage computed; every
+    rank's sends are waited for."""
+    sh, logits = group.shard, inflight.logits
+    if sh.rank == 0 and sh.pp > 1:
+        for part in inflight.parts:
+            if part.last_rows:
+                n, vocab = len(part.last_rows), model.config.vocab_size
+                logits.append(group.recv_from_last([n], torch.int64) if inflight.argmax
+                              else group.recv_from_last([n, vocab], torch.float32))
+    for work in inflight.pending:
+        group.wait(work)
     if sh.rank != 0 or not logits:
         return None
     return logits[0] if len(logits) == 1 else torch.cat(logits)
 
 
-def _step_command(engine: str, s: StepInputs, micro_batches: int) -> Step:
+def _step_command(engine: str, s: StepInputs, micro_batches: int, argmax: bool) -> Step:
     return Step(engine, s.token_ids, s.positions, s.q_lens, s.ctx_lens,
-                [list(t) for t in s.block_tables], s.last_rows, micro_batches)
+                [list(t) for t in s.block_tables], s.last_rows, micro_batches, argmax)
 
 
 def _step_inputs(cmd: Step) -> StepInputs:
@@ -156,8 +188,17 @@ class RankState:
         for i, d in enumerate(dst):
             self.cache.load_block(blocks[i], d)
 
-    def step(self, engine: str, step: StepInputs, micro_batches: int = 1) -> torch.Tensor | None:
-        logits = run_step(self.group, self.model, self.runners[engine], step, micro_batches)
+    def step(self, engine: str, step: StepInputs, micro_batches: int = 1,
+             argmax: bool = False) -> torch.Tensor | None:
+        return self.finish(engine, self.start(engine, step, micro_batches, argmax))
+
+    def start(self, engine: str, step: StepInputs, micro_batches: int = 1,
+              argmax: bool = False) -> InFlight:
+        return start_step(self.group, self.model, self.runners[engine], step, micro_batches,
+                          argmax)
+
+    def finish(self, engine: str, inflight: InFlight) -> torch.Tensor | None:
+        logits = finish_step(self.group, self.model, inflight)
         if engine == "prefill":   # every rank's KV is in the store before the leader commits
             if self.pool is not None and self.pool.is_cuda:
                 torch.cuda.current_stream(self.pool.device).synchronize()
@@ -166,18 +207,40 @@ class RankState:
 
 
 class GroupRunner:
-    """The leader's runner for one engine (decode or prefill): the LLMEngine calls run()."""
+    """The leader's runner for one engine (decode or prefill): the LLMEngine calls run(),
+    or, `depth` steps in flight at once, submit() and later collect() (pipelining)."""
 
     def __init__(self, leader: "GroupLeader", engine: str):
         self.leader, self.engine = leader, engine
 
+    @property
+    def depth(self) -> int:
+        """Steps the engine may keep in flight: one per pipeline stage, so every stage has
+        a step to work on (decode; prefill steps end in a barrier before the commit)."""
+        pp = self.leader.group.shard.pp
+        return pp if self.engine == "decode" and self.leader.pipeline_decode else 1
+
     def run(self, batch):
+        return self.collect(self.submit(batch))
+
+    def submit(self, batch):
         step = prepare_step(batch)
         mb = self.leader.micro_batches_for(step)
-        self.leader.group.send_command(_step_command(self.engine, step, mb))
+        # with PP, a step whose every token is a plain greedy one is sampled where its
+        # logits are: the last stage sends [N] tokens to the leader, not [N, vocab] logits
+        argmax = self.leader.sample_on_last and self.leader.shape[1] > 1 \
+            and argmax_suffices(step.samplers)
+        self.leader.group.send_command(_step_command(self.engine, step, mb, argmax))
         t0 = time.perf_counter()
-        logits = self.leader.rank.step(self.engine, step, mb)
+        inflight = self.leader.rank.start(self.engine, step, mb, argmax)
         self.leader.step_s += time.perf_counter() - t0
+        return step, inflight
+
+    def collect(self, submitted):
+        step, inflight = submitted
+        t0 = time.perf_counter()
+        logits = self.leader.rank.finish(self.engine, inflight)
+        self.leader.wait_s += time.perf_counter() - t0
         if logits is None:
             return torch.empty(0), []
         return logits.cpu(), step.samplers
@@ -216,12 +279,16 @@ class LeaderCache:
 class GroupLeader:
     """Global rank 0: the only ZeroMQ face of the group; drives the followers."""
 
-    def __init__(self, rank: RankState, procs: list | None = None, micro_batches: int = 2):
+    def __init__(self, rank: RankState, procs: list | None = None, micro_batches: int = 2,
+                 pipeline_decode: bool = True):
         self.rank, self.group = rank, rank.group
         self.micro_batches = micro_batches   # per step, with PP > 1 ...
         self.micro_batch_min_tokens = MICRO_BATCH_MIN_TOKENS   # ... of at least this many tokens
+        self.pipeline_decode = pipeline_decode   # decode keeps PP steps in flight
+        self.sample_on_last = True    # greedy steps: the last stage sends tokens, not logits
         self.procs = procs or []      # follower processes this leader spawned (same host)
-        self.step_s = 0.0
+        self.step_s = 0.0             # the leader's own share of the steps
+        self.wait_s = 0.0             # waiting for the last stage's logits: the bubble
         self.stopped = self.failed = False
 
     def micro_batches_for(self, step: StepInputs) -> int:
@@ -300,7 +367,7 @@ def follow(rank: RankState) -> str:
     while True:
         cmd = group.recv_command()
         if isinstance(cmd, Step):
-            rank.step(cmd.engine, _step_inputs(cmd), cmd.micro_batches)
+            rank.step(cmd.engine, _step_inputs(cmd), cmd.micro_batches, cmd.argmax)
         elif isinstance(cmd, LoadKV):
             rank.load_kv(cmd.src, cmd.dst)
         elif isinstance(cmd, LoadBlocks):
@@ -352,7 +419,7 @@ def build_rank(config: EngineConfig, tp: int, pp: int, rank: int, timeout_s: flo
 
 def build_group_engine(config: EngineConfig, tp: int, pp: int, procs: list | None = None,
                        timeout_s: float = 20.0, connect_timeout_s: float = 30.0,
-                       micro_batches: int = 2):
+                       micro_batches: int = 2, pipeline_decode: bool = True):
     """The leader's LLMEngine over a group (this process is rank 0)."""
     import dataclasses
 
@@ -363,7 +430,7 @@ def build_group_engine(config: EngineConfig, tp: int, pp: int, procs: list | Non
     if config.device.startswith("cuda"):
         config = dataclasses.replace(config, enforce_eager=True)   # no CUDA graphs in groups yet
     rank = build_rank(config, tp, pp, 0, timeout_s, connect_timeout_s)
-    leader = GroupLeader(rank, procs, micro_batches)
+    leader = GroupLeader(rank, procs, micro_batches, pipeline_decode)
     path = resolve_model(config.model)
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
     eos = generation_eos_ids(path, rank.model.config)

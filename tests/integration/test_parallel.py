@@ -42,8 +42,12 @@ def tiny4(tmp_path_factory):
     return d
 
 
-def _steps(path):
-    return [t for t in torch.load(path) if t.numel()]
+def _worst(ref_path, got_path) -> float:
+    """Largest difference between the logits of each token (request, position) in two
+    runs; every token of one is in the other."""
+    a, b = torch.load(ref_path), torch.load(got_path)
+    assert a.keys() == b.keys() and len(a) > 32
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 MICRO = ("--micro-batch-min-tokens", "1")   # every step through the pipeline in micro-batches
@@ -52,22 +56,22 @@ MICRO = ("--micro-batch-min-tokens", "1")   # every step through the pipeline in
 @pytest.mark.parametrize("shape", [
     ("--tp", "2"), ("--pp", "2"), ("--tp", "2", "--pp", "2"), ("--tp", "4"),
     ("--pp", "2", *MICRO), ("--tp", "2", "--pp", "2", "--micro-batches", "3", *MICRO),
-    ("--pp", "4", "--micro-batches", "4", *MICRO)],
+    ("--pp", "4", "--micro-batches", "4", *MICRO), ("--pp", "2", "--no-pipeline")],
     ids=["tp2", "pp2", "tp2xpp2", "tp4-replicated-kv", "pp2-micro2", "tp2xpp2-micro3",
-         "pp4-micro4"])
+         "pp4-micro4", "pp2-one-step-in-flight"])
 def test_group_logits_and_tokens_match_one_rank(tiny4, tmp_path, shape):
     """Chunked prefill (8-token steps) of a batch joined one prompt per step (mixed
-    prefill + decode steps), 32 greedy tokens each: every step's logits within 1e-4 in
-    fp32, every token identical. With micro-batches, cuts fall inside prompts' chunks too."""
+    prefill + decode steps), 32 greedy tokens each: every token's logits within 1e-4 in
+    fp32, every token identical. With PP the decode keeps a step per stage in flight over
+    disjoint sequences (unless --no-pipeline); with micro-batches, cuts fall inside
+    prompts' chunks too."""
     common = ["--prompts", json.dumps(PROMPTS), "--max-tokens", "32",
               "--max-num-batched-tokens", "8", "--stagger"]
     ref = group_run(tiny4, "--plain", "--logits-out", str(tmp_path / "ref.pt"), *common)
     got = group_run(tiny4, *shape, "--logits-out", str(tmp_path / "got.pt"), *common)
     assert got["tokens"] == ref["tokens"]
     assert all(len(t) == 32 for t in got["tokens"])
-    a, b = _steps(tmp_path / "ref.pt"), _steps(tmp_path / "got.pt")
-    assert len(a) == len(b) > 32
-    worst = max((x - y).abs().max().item() for x, y in zip(a, b))
+    worst = _worst(tmp_path / "ref.pt", tmp_path / "got.pt")
     assert worst < 1e-4, worst
     assert got["idle"]["free_blocks"] == got["idle"]["total_blocks"]
     tp = int(shape[shape.index("--tp") + 1]) if "--tp" in shape else 1
@@ -77,6 +81,22 @@ def test_group_logits_and_tokens_match_one_rank(tiny4, tmp_path, shape):
         assert got["comm"]["all_reduce"]["calls"] > 0
     if pp > 1:
         assert got["comm"]["isend"]["calls"] > 0 and got["comm"]["recv"]["calls"] > 0
+        # a step per stage in flight, each over its own sequences (3 prompts: at most 3)
+        assert got["max_in_flight"] == (1 if "--no-pipeline" in shape else min(pp, len(PROMPTS)))
+
+
+@pytest.mark.parametrize("shape", [("--pp", "2"), ("--tp", "2", "--pp", "2")],
+                         ids=["pp2", "tp2xpp2"])
+def test_the_last_stage_samples_greedy_steps(tiny4, shape):
+    """Greedy and plain: the last stage sends each due sequence's token (8 bytes) to the
+    leader instead of its logits ([vocab] fp32), and the tokens are one rank's."""
+    common = ["--prompts", json.dumps(PROMPTS), "--max-tokens", "32",
+              "--max-num-batched-tokens", "8", "--stagger"]
+    ref = group_run(tiny4, "--plain", *common)
+    got = group_run(tiny4, *shape, *common)
+    assert got["tokens"] == ref["tokens"]
+    tokens = sum(len(t) for t in got["tokens"])
+    assert got["comm"]["from_last_stage"]["bytes"] == 8 * tokens
 
 
 def test_smollm2_tp3_gives_tp1_greedy_tokens(smollm2_dir):

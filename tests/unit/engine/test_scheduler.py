@@ -86,3 +86,26 @@ def test_finish_frees_blocks_wherever_the_sequence_is():
     sch.finish(a, "abort")                            # twice is harmless
     assert bm.num_free_blocks == 8 and not sch.has_unfinished()
     assert (a.finish_reason, b.finish_reason) == ("abort", "abort")
+
+
+def test_steps_in_flight_share_the_running_sequences_and_are_never_preempted():
+    """A pipelined group keeps a step per stage in flight: the next step takes only the
+    sequences not in flight (at most max_seqs of them), and running out of blocks preempts
+    the newest one not in flight."""
+    sch = Scheduler(BlockManager(5, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    a, b, c, d = seqs = [seq(4, rid) for rid in "abcd"]   # one full block each
+    for s in seqs:
+        sch.add(s)
+    first = sch.schedule(max_seqs=2)
+    assert contents(first) == [("a", 4), ("b", 4)]
+    second = sch.schedule(busy=frozenset(id(s) for s in first.seqs), max_seqs=2)
+    assert contents(second) == [("c", 4), ("d", 4)] and sch.bm.num_free_blocks == 1
+    run_step(first)
+    run_step(second)                                # each has a 5th token: a 2nd block due
+    in_flight = sch.schedule(busy=frozenset(id(s) for s in (a, b, c)), max_seqs=1)
+    assert contents(in_flight) == [("d", 1)] and sch.bm.num_free_blocks == 0
+    # d's step is in flight: a takes c's block (c is the newest not in flight), b has none
+    # left but its own, and d, newest of all, is never touched
+    third = sch.schedule(busy=frozenset([id(d)]), max_seqs=3)
+    assert contents(third) == [("a", 1)] and third.preempted == [c, b]
+    assert d.status == SeqStatus.RUNNING and sch.running == [a, d]
