@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) in plain torch.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM; Mixtral and Qwen3-MoE
+with mixture-of-experts layers, shared/models/moe.py) in plain torch.
 
 The model knows nothing of parallelism, graphs or transport: attention over the paged KV
 cache is delegated to the `attn` object passed into `forward`, which the engine owns.
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from shared.models import ops
 from shared.models.config import ModelConfig
+from shared.models.moe import SparseMoE
 from shared.models.rope import build_cos_sin
 
 
@@ -47,11 +49,16 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
         self.reduce = None   # tensor parallel: sums the ranks' partial o_proj outputs in place
+        # Qwen3: each head of q and k RMS-normed over head_dim before RoPE
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, layer: int, attn: PagedAttention):
         # x: [T, hidden]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q.reshape(-1, self.d)), self.k_norm(k.reshape(-1, self.d))
         q = ops.rope(q.view(-1, self.hq, self.d), cos, sin)
         k = ops.rope(k.view(-1, self.hkv, self.d), cos, sin)
         out = self.o_proj(attn(layer, q, k, v.view(-1, self.hkv, self.d))
@@ -83,7 +90,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
 
     def forward(self, x, residual, cos, sin, attn: PagedAttention):
         """x: what the previous layer added ([T, hidden]); residual: the stream before it
@@ -111,6 +118,12 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_positions = max_positions or cfg.max_position_embeddings
+        if cfg.sliding_window is not None:   # full attention is exact up to the window
+            if self.max_positions > cfg.sliding_window and max_positions is not None:
+                raise ValueError(f"max_model_len={self.max_positions} is past this model's "
+                                 f"sliding_window={cfg.sliding_window}: Duet attends to the "
+                                 f"whole context, which equals the window's only inside it")
+            self.max_positions = min(self.max_positions, cfg.sliding_window)
         kind = (cfg.rope_scaling or {}).get("rope_type", "default")
         if self.max_positions > cfg.max_position_embeddings and kind != "dynamic":
             raise ValueError(f"max_model_len={self.max_positions} is past this model's trained "
@@ -169,6 +182,8 @@ class LlamaForCausalLM(nn.Module):
         layers = []
         for layer in self.layers:
             att, mlp = layer.self_attn, layer.mlp
+            if not isinstance(mlp, MLP) or att.q_norm is not None:
+                return None   # experts or QK-norm: the layer loop runs them
             linears = (att.qkv_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if att.reduce is not None or mlp.reduce is not None:
                 return None   # tensor parallel: the layer loop reduces between the halves

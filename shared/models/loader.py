@@ -32,18 +32,46 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (cfg.num_kv_heads * d, h),
             p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h),
             p + "self_attn.o_proj.weight": (h, cfg.num_heads * d),
-            p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
             p + "input_layernorm.weight": (h,),
             p + "post_attention_layernorm.weight": (h,),
         })
+        if cfg.is_moe_layer(i):
+            shapes.update(_expert_shapes(cfg, p))
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+                           p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+                           p + "mlp.down_proj.weight": (h, cfg.intermediate_size)})
+        if cfg.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (d,)
+            shapes[p + "self_attn.k_norm.weight"] = (d,)
         if cfg.attention_bias:
             shapes[p + "self_attn.q_proj.bias"] = (cfg.num_heads * d,)
             shapes[p + "self_attn.k_proj.bias"] = (cfg.num_kv_heads * d,)
             shapes[p + "self_attn.v_proj.bias"] = (cfg.num_kv_heads * d,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def _expert_names(cfg: ModelConfig, p: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """A MoE layer's router name and each expert's (gate, up, down) names, as the Hub
+    checkpoints of its architecture spell them."""
+    if cfg.architecture == "MixtralForCausalLM":
+        m = p + "block_sparse_moe."
+        return m + "gate.weight", [(f"{m}experts.{j}.w1.weight", f"{m}experts.{j}.w3.weight",
+                                    f"{m}experts.{j}.w2.weight") for j in range(cfg.num_experts)]
+    m = p + "mlp."
+    return m + "gate.weight", [(f"{m}experts.{j}.gate_proj.weight",
+                                f"{m}experts.{j}.up_proj.weight",
+                                f"{m}experts.{j}.down_proj.weight") for j in range(cfg.num_experts)]
+
+
+def _expert_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    router, experts = _expert_names(cfg, p)
+    shapes = {router: (cfg.num_experts, h)}
+    for gate, up, down in experts:
+        shapes.update({gate: (i, h), up: (i, h), down: (h, i)})
     return shapes
 
 
@@ -100,9 +128,18 @@ def fuse_state_dict(cfg: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, t
             out[q + "self_attn.qkv_proj.bias"] = torch.cat(
                 [t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
         out[q + "self_attn.o_proj.weight"] = t[a + "o_proj.weight"]
-        out[q + "mlp.gate_up_proj.weight"] = torch.cat(
-            [t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
-        out[q + "mlp.down_proj.weight"] = t[p + "mlp.down_proj.weight"]
+        if cfg.qk_norm:
+            out[q + "self_attn.q_norm.weight"] = t[a + "q_norm.weight"]
+            out[q + "self_attn.k_norm.weight"] = t[a + "k_norm.weight"]
+        if cfg.is_moe_layer(i):   # experts stacked: [E, 2I, H] (gate | up) and [E, H, I]
+            router, experts = _expert_names(cfg, p)
+            out[q + "mlp.router.weight"] = t[router]
+            out[q + "mlp.w_gate_up"] = torch.stack([torch.cat([t[g], t[u]]) for g, u, _ in experts])
+            out[q + "mlp.w_down"] = torch.stack([t[d] for _, _, d in experts])
+        else:
+            out[q + "mlp.gate_up_proj.weight"] = torch.cat(
+                [t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
+            out[q + "mlp.down_proj.weight"] = t[p + "mlp.down_proj.weight"]
         out[q + "input_layernorm.weight"] = t[p + "input_layernorm.weight"]
         out[q + "post_attention_layernorm.weight"] = t[p + "post_attention_layernorm.weight"]
     return out

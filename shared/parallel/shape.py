@@ -30,6 +30,11 @@ def check_shape(cfg: ModelConfig, tp: int, pp: int) -> None:
     """Raise ValueError naming the model's head counts and the sizes that work."""
     if tp < 1 or pp < 1:
         raise ValueError(f"tp={tp} and pp={pp} must be >= 1")
+    if tp * pp > 1 and (cfg.is_moe or cfg.qk_norm):
+        what = (f"{cfg.num_experts} experts (expert parallelism is not built yet)" if cfg.is_moe
+                else "per-head q/k norms (not yet sharded)")
+        raise ValueError(f"--tp {tp} --pp {pp}: this {cfg.architecture} has {what}; it runs "
+                         f"as one process (--tp 1 --pp 1)")
     why = _tp_problem(cfg, tp)
     if why:
         raise ValueError(
