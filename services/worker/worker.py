@@ -148,6 +148,7 @@ class Worker:
                 for m in msgs:   # before the step: a PrefillStarted must not wait for it
                     out.send_multipart(P.encode(m), copy=False)
                 msgs = []
+                self._publish()   # the leases just acquired are renewed during the step
                 if self.core.has_work():
                     if self.cores is not None:
                         n = self.cores.begin_step()
